@@ -1,0 +1,414 @@
+"""Probes of what a trained model computes: routing traces, dead capsules, equivariance.
+
+* :func:`capture_routing` records every call a model makes to
+  :func:`capsnet.functional.dynamic_routing`, :func:`~capsnet.functional.em_routing` and
+  :func:`~capsnet.functional.conv_em_routing` (their inputs, outputs and settings) without
+  changing the model or the functions' results.
+* :func:`routing_trace` re-runs a captured call with ``iterations = 1..r``: the couplings /
+  assignments and parent means after each iteration, and the distance of every vote to its
+  parent's mean ([H18] Fig. 2).
+* :func:`capsule_activations` / :func:`dead_capsule_fraction`: activations of every capsule
+  layer (forward hooks) and the fraction of capsules that never switch on.
+* :func:`fit_linear_map` / :func:`equivariance_residual`: how well one linear map explains
+  how features move under a known image transform T (the claim ``f(Tx) = T' f(x)``).
+* :func:`affine_images`: rotate / translate / scale a batch of images (bilinear).
+
+Letters as in :mod:`capsnet.functional`: B batch, I children, O parents, D pose size,
+N examples, F feature size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from capsnet import functional as CF
+
+__all__ = [
+    "RoutingCall",
+    "capture_routing",
+    "routing_trace",
+    "capsule_activations",
+    "dead_capsule_fraction",
+    "fit_linear_map",
+    "equivariance_residual",
+    "affine_images",
+]
+
+_ROUTING_FUNCTIONS = ("dynamic_routing", "em_routing", "conv_em_routing")
+_KIND = {"dynamic_routing": "dynamic", "em_routing": "em", "conv_em_routing": "conv_em"}
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class RoutingCall:
+    """One recorded routing call.
+
+    Attributes:
+        kind: ``"dynamic"``, ``"em"`` or ``"conv_em"``.
+        arguments: every argument of the call by name, defaults filled in; tensors
+            detached (``u_hat`` or ``votes``, ``activations``, ``beta_u``, ...).
+        outputs: the call's return value, detached: ``(v, c)`` for dynamic routing,
+            ``(poses, activations, assignments)`` for EM routing.
+    """
+
+    kind: str
+    arguments: dict[str, Any]
+    outputs: tuple[Tensor, ...]
+
+    @property
+    def iterations(self) -> int:
+        return int(self.arguments["iterations"])
+
+
+@dataclass
+class _Capture:
+    calls: list[RoutingCall] = field(default_factory=list)
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    return x
+
+
+@contextlib.contextmanager
+def capture_routing(last_only: bool = False) -> Iterator[_Capture]:
+    """Record the routing calls of a model.
+
+    Wraps the routing functions of :mod:`capsnet.functional` — in that module and in every
+    loaded ``capsnet.*`` module that imported them by name — for the duration of the
+    ``with`` block. Results are unchanged; the wrappers only keep detached references.
+
+    Args:
+        last_only: keep only the latest call (the class capsule layer of a forward pass);
+            saves memory when the convolutional capsule layers' votes are not needed.
+
+    Yields:
+        An object whose ``calls`` lists the :class:`RoutingCall` s in call order.
+
+    Example::
+
+        with capture_routing() as cap:
+            model(images)
+        last = cap.calls[-1]          # the class capsule layer
+        trace = routing_trace(last)
+    """
+    capture = _Capture()
+    originals = {name: getattr(CF, name) for name in _ROUTING_FUNCTIONS}
+
+    def wrap_routing(name: str):
+        original = originals[name]
+        signature = inspect.signature(original)
+
+        def wrapper(*args: Any, **kwargs: Any):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = original(*args, **kwargs)
+            arguments = {k: _detach(v) for k, v in bound.arguments.items()}
+            if last_only:
+                capture.calls.clear()
+            capture.calls.append(RoutingCall(_KIND[name], arguments, _detach(out)))
+            return out
+
+        return wrapper
+
+    wrappers = {name: wrap_routing(name) for name in _ROUTING_FUNCTIONS}
+    patched: list[tuple[Any, str, Any]] = []
+    by_identity = {id(originals[n]): n for n in wrappers}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "capsnet" or module_name.startswith("capsnet.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            name = by_identity.get(id(value))
+            if name is not None and value is originals[name]:
+                patched.append((module, attr, value))
+                setattr(module, attr, wrappers[name])
+    try:
+        yield capture
+    finally:
+        for module, attr, value in patched:
+            setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------- routing trace
+
+
+def routing_trace(call: RoutingCall, iterations: int | None = None) -> list[dict[str, Tensor]]:
+    """Per-iteration state of a recorded routing call, by re-running it with 1..r iterations.
+
+    Dynamic routing: after iteration t the couplings ``c`` used in it, the parents ``v`` and
+    the parents' means ``m_j = sum_i c_ij u_hat_j|i / sum_i c_ij`` (the unsquashed centre
+    the votes are compared with). EM routing: the assignments ``R`` used in the t-th M-step,
+    the parents' means ``mu_j`` and activations. In both, ``distances[..., i, j] =
+    |vote_ij - mean_j|`` and ``weights`` = the assignment of vote ij (``c_ij`` or
+    ``R_ij a_i``), as in [H18] Fig. 2 (distances weighted by assignment probabilities).
+    For EM the inverse-temperature schedule is cut to its first t entries.
+
+    Args:
+        call: from :func:`capture_routing`.
+        iterations: how many iterations to trace (default: the call's own).
+
+    Returns:
+        One dict per iteration with ``assignments (..., I, O)``, ``means (..., O, D)``,
+        ``activations (..., O)``, ``distances (..., I, O)``, ``weights (..., I, O)``.
+    """
+    r = call.iterations if iterations is None else int(iterations)
+    if r < 1:
+        raise ValueError(f"iterations must be >= 1, got {r}")
+    args = dict(call.arguments)
+    trace = []
+    for t in range(1, r + 1):
+        if call.kind == "dynamic":
+            u_hat = args["u_hat"]
+            v, c = CF.dynamic_routing(u_hat, iterations=t)
+            mean = torch.einsum("...io,...iod->...od", c, u_hat) / c.sum(-2).unsqueeze(-1)
+            votes, weights, acts = u_hat, c, v.norm(dim=-1)
+        else:
+            fn = CF.em_routing if call.kind == "em" else CF.conv_em_routing
+            kwargs = {k: v for k, v in args.items() if k != "iterations"}
+            lambdas = kwargs.get("inverse_temperatures")
+            full = (
+                list(lambdas)
+                if lambdas is not None
+                else CF.default_inverse_temperatures(call.iterations)
+            )
+            if t > len(full):
+                raise ValueError(f"the call has {len(full)} inverse temperatures, asked for {t}")
+            kwargs["inverse_temperatures"] = full[:t]
+            mean, acts, c = fn(iterations=t, **kwargs)
+            votes = args["votes"]
+            weights = c * args["activations"].unsqueeze(-1)
+        distances = (votes - mean.unsqueeze(-3)).norm(dim=-1)
+        trace.append(
+            {
+                "assignments": c,
+                "means": mean,
+                "activations": acts,
+                "distances": distances,
+                "weights": weights,
+            }
+        )
+    return trace
+
+
+# --------------------------------------------------------------------------- dead capsules
+
+
+def _capsule_layer_types() -> tuple[type, ...]:
+    from capsnet import layers
+
+    return (
+        layers.PrimaryCapsules,
+        layers.DenseCapsules,
+        layers.PrimaryMatrixCapsules,
+        layers.ConvMatrixCapsules,
+        layers.ClassMatrixCapsules,
+    )
+
+
+def capsule_activations(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """Activation of every capsule of every capsule layer of ``model`` for ``images``.
+
+    Forward hooks on the :mod:`capsnet.layers` capsule modules record their outputs:
+    vector capsules (``PrimaryCapsules``, ``DenseCapsules``) give their lengths, matrix
+    capsules (``(poses, activations)`` outputs) their activations. Runs under ``no_grad``.
+
+    Returns:
+        ``{module name: (B, capsules)}`` in forward order (each capsule at each position
+        counts once); empty for a model without capsule layers.
+
+    Shape:
+        - images: ``(B, C, H, W)``.
+    """
+    types = _capsule_layer_types()
+    found: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, tuple):
+                act = output[1]
+            else:
+                act = output.norm(dim=-1)
+            found[name] = act.detach().flatten(1)
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def dead_capsule_fraction(
+    activations: dict[str, Tensor], threshold: float = 0.01
+) -> dict[str, float]:
+    """Fraction of capsules per layer whose activation never exceeds ``threshold``.
+
+    Args:
+        activations: ``{layer: (N, capsules)}`` over a set of examples (e.g. concatenated
+            :func:`capsule_activations` of many batches).
+        threshold: "near zero"; for vector capsules the activation is the length.
+
+    Returns:
+        ``{layer: fraction in [0, 1]}``.
+    """
+    return {
+        name: float((a.amax(dim=0) <= threshold).float().mean()) for name, a in activations.items()
+    }
+
+
+# --------------------------------------------------------------------------- equivariance
+
+
+def fit_linear_map(
+    inputs: Tensor, targets: Tensor, *, bias: bool = True, ridge: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Least-squares linear map ``targets ≈ inputs @ A + b`` (float64, optional ridge).
+
+    Args:
+        inputs: features ``P``.
+        targets: features ``Q``.
+        bias: fit the offset ``b`` too (not penalised by the ridge).
+        ridge: L2 penalty ``ridge * |A|_F^2`` (0 for plain least squares).
+
+    Returns:
+        ``(A (F_in, F_out), b (F_out,))`` in float64.
+
+    Shape:
+        - inputs: ``(N, F_in)``; targets: ``(N, F_out)``.
+    """
+    if inputs.ndim != 2 or targets.ndim != 2 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets must be (N, F_in) and (N, F_out), got {tuple(inputs.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    x, y = inputs.double(), targets.double()
+    x_mean = x.mean(0) if bias else x.new_zeros(x.shape[1])
+    y_mean = y.mean(0) if bias else y.new_zeros(y.shape[1])
+    xc, yc = x - x_mean, y - y_mean
+    if ridge > 0:
+        gram = xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        a = torch.linalg.solve(gram, xc.T @ yc)
+    else:
+        a = torch.linalg.lstsq(xc, yc, driver="gelsd" if x.device.type == "cpu" else None).solution
+    b = y_mean - x_mean @ a
+    return a, b
+
+
+def equivariance_residual(
+    features: Tensor,
+    transformed: Tensor,
+    *,
+    fit_fraction: float = 0.5,
+    ridge: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How well one linear map predicts features of transformed inputs from the originals.
+
+    Splits the examples into a fit part and a held-out part; fits ``Q ≈ P A + b`` on the
+    first (:func:`fit_linear_map`) and reports on the second
+
+    * ``linear_residual``: ``|Q - (P A + b)|^2 / |Q - mean(Q)|^2`` (1 - R^2): 0 means the
+      features move exactly linearly with the transform (equivariance, invariance included);
+      1 means the map explains nothing beyond the mean;
+    * ``identity_residual``: the same with ``A = I, b = 0`` (features equal dims only): 0
+      means the features did not move (invariance);
+    * ``relative_change``: ``|Q - P| / |P|``, how much the features moved at all.
+
+    Args:
+        features: ``P = f(x)``.
+        transformed: ``Q = f(Tx)`` for the same examples in the same order.
+        fit_fraction: share of the examples used to fit the map.
+        ridge: ridge penalty, relative to the mean squared feature (keeps the fit defined
+            when the fit split is small next to the feature size).
+        seed: seeds the split.
+
+    Shape:
+        - features, transformed: ``(N, F)``.
+    """
+    if features.shape != transformed.shape or features.ndim != 2:
+        raise ValueError(
+            f"features and transformed must both be (N, F), got {tuple(features.shape)} and "
+            f"{tuple(transformed.shape)}"
+        )
+    n = features.shape[0]
+    n_fit = int(round(n * fit_fraction))
+    if n_fit < 2 or n - n_fit < 1:
+        raise ValueError(f"need at least 2 fit and 1 held-out example, got N={n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    p, q = features.double()[perm], transformed.double()[perm]
+    scale = float(p[:n_fit].pow(2).mean()) * n_fit
+    a, b = fit_linear_map(p[:n_fit], q[:n_fit], ridge=ridge * scale)
+    p_test, q_test = p[n_fit:], q[n_fit:]
+    spread = float((q_test - q[:n_fit].mean(0)).pow(2).sum()) or math.inf
+    return {
+        "linear_residual": float((q_test - (p_test @ a + b)).pow(2).sum()) / spread,
+        "identity_residual": float((q_test - p_test).pow(2).sum()) / spread,
+        "relative_change": float((q_test - p_test).norm() / p_test.norm().clamp_min(1e-12)),
+        "num_fit": n_fit,
+        "num_test": n - n_fit,
+        "feature_dim": int(features.shape[1]),
+    }
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def affine_images(
+    images: Tensor,
+    *,
+    angle: float = 0.0,
+    translate: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+) -> Tensor:
+    """Rotate (about the centre), scale and translate a batch of images; bilinear, zero fill.
+
+    Args:
+        images: the batch.
+        angle: rotation in degrees, counter-clockwise as displayed (row 0 at the top).
+        translate: ``(dx, dy)`` in pixels, right and down.
+        scale: zoom factor (> 1 enlarges the content).
+
+    Shape:
+        - images: ``(B, C, H, W)``; output: same.
+    """
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (B, C, H, W) tensor, got {tuple(images.shape)}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    _, _, h, w = images.shape
+    rad = math.radians(angle)
+    cos, sin = math.cos(rad) / scale, math.sin(rad) / scale
+    # Output pixel p samples the input at L (p - t), L = R^-1 / scale, in normalised
+    # (x right, y down) coordinates; a counter-clockwise turn on screen is clockwise in
+    # (x, y-down). For non-square images L is conjugated by the pixel -> [-1, 1] scaling
+    # so the rotation is a rotation in pixel units.
+    linear = torch.tensor([[cos, -sin * h / w], [sin * w / h, cos]], dtype=torch.float64)
+    shift = torch.tensor([2.0 * translate[0] / w, 2.0 * translate[1] / h], dtype=torch.float64)
+    theta = torch.cat([linear, -(linear @ shift)[:, None]], dim=1)
+    theta = theta.to(dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(
+        theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False
+    )
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
