@@ -151,12 +151,6 @@ def plot_attack_curves(
     return save_figure(fig, path)
 
 
-def _image_to_hwc(img: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (H, W) for one channel, (H, W, 3) otherwise; clipped to [0, 1]."""
-    img = np.clip(img, 0.0, 1.0)
-    return img[0] if img.shape[0] == 1 else np.transpose(img[:3], (1, 2, 0))
-
-
 def plot_image_grid(
     images: Any,
     path: str | os.PathLike,
@@ -166,7 +160,7 @@ def plot_image_grid(
     col_labels: Sequence[str] | None = None,
     cell_inches: float = 0.7,
 ) -> Path:
-    """A grid of images in [0, 1].
+    """A grid of images in [0, 1], drawn as one mosaic with 1-pixel gaps.
 
     Args:
         images: ``(rows, cols, C, H, W)`` array or tensor (C = 1 or 3).
@@ -176,28 +170,32 @@ def plot_image_grid(
         cell_inches: size of one cell.
     """
     grid = _to_numpy(images)
-    if grid.ndim != 5:
-        raise ValueError(f"images must have shape (rows, cols, C, H, W), got {grid.shape}")
-    rows, cols = grid.shape[:2]
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(cols * cell_inches + (0.8 if row_labels else 0.1), rows * cell_inches + 0.5),
-        squeeze=False,
-        gridspec_kw={"wspace": 0.04, "hspace": 0.04},
-    )
+    if grid.ndim != 5 or grid.shape[2] not in (1, 3):
+        raise ValueError(
+            f"images must have shape (rows, cols, C in {{1, 3}}, H, W), got {grid.shape}"
+        )
+    rows, cols, channels, h, w = grid.shape
+    gap = 1
+    mosaic = np.ones(((h + gap) * rows - gap, (w + gap) * cols - gap, channels), np.float32)
     for r in range(rows):
         for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(_image_to_hwc(grid[r, c]), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row_labels is not None and c == 0:
-                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
-            if col_labels is not None and r == 0:
-                ax.set_title(col_labels[c], fontsize=7)
+            cell = np.transpose(np.clip(grid[r, c], 0.0, 1.0), (1, 2, 0))
+            mosaic[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = cell
+    fig, ax = plt.subplots(figsize=(cols * cell_inches + 1.0, rows * cell_inches + 0.6))
+    shown = mosaic[..., 0] if channels == 1 else mosaic
+    ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([c * (w + gap) + w / 2 - 0.5 for c in range(cols)] if col_labels else [])
+    ax.set_yticks([r * (h + gap) + h / 2 - 0.5 for r in range(rows)] if row_labels else [])
+    if col_labels:
+        ax.set_xticklabels(col_labels, fontsize=7)
+        ax.xaxis.tick_top()
+    if row_labels:
+        ax.set_yticklabels(row_labels, fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        ax.set_title(title, fontsize=9, pad=14 if col_labels else 6)
     return save_figure(fig, path)
 
 
@@ -299,7 +297,8 @@ def plot_routing_histograms(
     for t in range(iterations):
         for j in range(classes):
             ax = axes[t, j]
-            ax.hist(d[t][:, j], bins=edges, weights=w[t][:, j], color="C0")
+            counts, _ = np.histogram(d[t][:, j], bins=edges, weights=w[t][:, j])
+            ax.stairs(counts, edges, fill=True, color="C0")
             ax.tick_params(labelsize=5)
             ax.set_yticks([])
             if t == 0:
