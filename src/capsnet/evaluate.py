@@ -1,0 +1,241 @@
+"""Evaluation: test error, per-class accuracy, confusion matrix and capsule statistics.
+
+:func:`evaluate` runs a model over a loader; :func:`evaluate_checkpoint` does the same for a
+saved run (what ``capsnet evaluate`` calls). Under ``torch.distributed`` every rank
+evaluates its shard and the counts are summed, so the result covers the whole split.
+
+Letters: B batch, K classes (class capsules).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from capsnet import distributed
+
+__all__ = ["EvalResult", "evaluate", "evaluate_checkpoint"]
+
+
+@dataclass
+class EvalResult:
+    """Results of :func:`evaluate`; ``to_dict()`` is what gets written as JSON.
+
+    Attributes:
+        num_examples: examples evaluated.
+        accuracy: fraction classified correctly (argmax of the scores).
+        error: ``1 - accuracy``.
+        loss: mean per-example loss when a loss function was given, else None.
+        per_class_accuracy: ``(K,)`` recall of each class (None for absent classes).
+        confusion: ``(K, K)`` counts, row = true class, column = predicted class.
+        classes: class names.
+        mean_scores: capsule models: ``(K,)`` mean length / activation of each class
+            capsule over all examples; None for CNNs (their scores are logits).
+        mean_scores_by_class: capsule models: ``(K, K)`` mean score of capsule ``j``
+            (column) over the examples of true class ``i`` (row).
+    """
+
+    num_examples: int
+    accuracy: float
+    error: float
+    loss: float | None
+    per_class_accuracy: list[float | None]
+    confusion: list[list[int]]
+    classes: list[str]
+    mean_scores: list[float] | None = None
+    mean_scores_by_class: list[list[float]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A human-readable report: error, per-class accuracy, confusion matrix."""
+        k = len(self.classes)
+        names = [c[:10] for c in self.classes]
+        width = max(6, *(len(n) for n in names))
+        lines = [
+            f"examples {self.num_examples}   accuracy {100 * self.accuracy:.2f}%   "
+            f"error {100 * self.error:.2f}%" + (f"   loss {self.loss:.4f}" if self.loss else "")
+        ]
+        header = "".rjust(width) + "  acc %  " + " ".join(n.rjust(width) for n in names)
+        if self.mean_scores is not None:
+            header += "   mean score"
+        lines += ["confusion (rows: true class, columns: predicted)", header]
+        for i in range(k):
+            acc = self.per_class_accuracy[i]
+            row = names[i].rjust(width) + (
+                f"{100 * acc:7.2f}  " if acc is not None else "    -    "
+            )
+            row += " ".join(str(c).rjust(width) for c in self.confusion[i])
+            if self.mean_scores is not None:
+                row += f"   {self.mean_scores[i]:.3f}"
+            lines.append(row)
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    num_classes: int,
+    classes: list[str] | None = None,
+    capsule_scores: bool = True,
+    loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
+    precision: str = "fp32",
+    limit_batches: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` on every batch of ``loader`` (in ``eval()`` mode, no gradients).
+
+    Args:
+        model: called as ``model(images)`` returning a ``ModelOutput``.
+        loader: yields ``(images (B, C, H, W), labels (B,))`` on the model's device.
+        num_classes: K.
+        classes: class names (default ``"0"``, ``"1"``, ...).
+        capsule_scores: the scores are class capsule lengths / activations (report their
+            means); False for logits.
+        loss_fn: ``loss_fn(output, labels) -> (B,)`` per-example loss, optional.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        limit_batches: stop after this many batches.
+        progress: show a progress bar.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    k = num_classes
+    confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
+    score_sums = torch.zeros(k, k, dtype=torch.float64, device=device)  # (true, capsule)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if limit_batches is not None and total is not None:
+        total = min(total, limit_batches)
+    bar = tqdm(total=total, desc="evaluate", leave=False, disable=not progress, unit="batch")
+    for i, (images, labels) in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(images)
+        scores = out.scores.float()
+        preds = scores.argmax(-1)
+        confusion += torch.bincount(labels * k + preds, minlength=k * k).to(confusion.dtype)
+        score_sums.index_add_(0, labels, scores.double())
+        if loss_fn is not None:
+            loss_sum += loss_fn(out, labels).double().sum()
+        bar.update()
+    bar.close()
+    model.train(was_training)
+    for t in (confusion, score_sums, loss_sum):
+        distributed.all_reduce_sum(t)
+    matrix = confusion.reshape(k, k).round().long().cpu()
+    per_class_n = matrix.sum(1)
+    n = int(per_class_n.sum())
+    if n == 0:
+        raise ValueError("evaluate: the loader yielded no examples")
+    correct = int(matrix.diagonal().sum())
+    per_class = [
+        (int(matrix[i, i]) / int(per_class_n[i])) if per_class_n[i] > 0 else None for i in range(k)
+    ]
+    result = EvalResult(
+        num_examples=n,
+        accuracy=correct / n,
+        error=1 - correct / n,
+        loss=float(loss_sum) / n if loss_fn is not None else None,
+        per_class_accuracy=per_class,
+        confusion=matrix.tolist(),
+        classes=list(classes) if classes is not None else [str(i) for i in range(k)],
+    )
+    if capsule_scores:
+        sums = score_sums.cpu()
+        result.mean_scores = (sums.sum(0) / n).tolist()
+        by_class = sums / per_class_n.clamp(min=1).double().unsqueeze(1)
+        result.mean_scores_by_class = by_class.tolist()
+    return result
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    which: str = "best",
+    split: str | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    download: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    precision: str = "fp32",
+    limit_batches: int | None = None,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[EvalResult, Path]:
+    """Evaluate a saved model on its dataset (from the run config stored with it).
+
+    Args:
+        path: run directory or ``.safetensors`` checkpoint.
+        which: ``"best"`` or ``"last"`` in a run directory.
+        split: dataset split (default: the run's ``eval_split``).
+        dataset, data_root, download: override the run's data settings.
+        batch_size, device, precision, limit_batches, progress: as in :func:`evaluate`.
+        output: JSON file for the results (default: ``evaluation_<which>_<split>.json`` in
+            the run directory, or ``<checkpoint>.<split>.eval.json`` next to a file).
+
+    Returns:
+        The result and the JSON file written.
+    """
+    from capsnet import data
+    from capsnet.checkpoint import load, read_metadata
+    from capsnet.models import model_info
+
+    meta = read_metadata(path, which)
+    config = meta["config"]
+    split = split or config.get("eval_split", "test")
+    dev = distributed.resolve_device(device)
+    ds = data.create(
+        dataset or config.get("dataset", "mnist"),
+        split=split,
+        root=data_root if data_root is not None else config.get("data_root"),
+        download=download,
+        **config.get("data_kwargs", {}),
+    )
+    model = load(meta["path"], device=dev)
+    loader = data.BatchLoader(
+        ds, batch_size, shuffle=False, augment=False, drop_last=False, device=dev
+    )
+    capsule = model_info(meta["model"]).loss != "cross_entropy"
+    result = evaluate(
+        model,
+        loader,
+        num_classes=ds.num_classes,
+        classes=list(ds.classes),
+        capsule_scores=capsule,
+        precision=precision,
+        limit_batches=limit_batches,
+        progress=progress,
+    )
+    if output is None:
+        p = Path(path)
+        output = (
+            p / f"evaluation_{which}_{split}.json"
+            if p.is_dir()
+            else p.with_name(f"{p.stem}.{split}.eval.json")
+        )
+    record = {
+        "checkpoint": meta["path"],
+        "model": meta["model"],
+        "dataset": dataset or config.get("dataset"),
+        "split": split,
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        **result.to_dict(),
+    }
+    from capsnet.checkpoint import atomic_write
+
+    atomic_write(output, json.dumps(record, indent=1))
+    return result, Path(output)

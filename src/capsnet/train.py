@@ -1,0 +1,540 @@
+"""The training loop: one :class:`~capsnet.config.RunConfig` in, a run directory out.
+
+>>> from capsnet.config import load_recipe
+>>> from capsnet.train import train
+>>> result = train(load_recipe("quickstart", data_root="data", download=True))
+>>> result.run_dir   # config.json, metrics.jsonl, best/last checkpoints, curves.png
+
+The same code runs single-process and under ``torchrun`` (DistributedDataParallel): each
+rank trains on its shard of every global batch, gradients are averaged, metrics are summed
+over ranks, and only rank 0 writes logs, progress bars and checkpoints. ``batch_size`` is
+the global batch, so a run resumes with any number of ranks.
+
+Exact resume: the last checkpoint (written every ``checkpoint_every`` steps and after each
+epoch) holds the optimiser, scheduler and RNG states and the position inside the epoch;
+the data loader is re-seeded per epoch, so a resumed single-process run continues with the
+very batches and random numbers the uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from capsnet import distributed, models
+from capsnet import functional as F
+from capsnet.checkpoint import atomic_write, checkpoint_exists, load_checkpoint, save_checkpoint
+from capsnet.config import RunConfig, config_from_dict
+from capsnet.distributed import DistContext
+from capsnet.evaluate import EvalResult, evaluate
+
+__all__ = ["train", "resume_config", "TrainResult", "compute_loss", "RESUME_OVERRIDES"]
+
+RESUME_OVERRIDES = (
+    "epochs", "device", "num_threads", "data_root", "download", "progress", "tensorboard",
+    "plot", "dist_backend", "dist_timeout", "checkpoint_every", "log_every",
+    "limit_eval_batches", "eval_every", "eval_batch_size",
+)  # fmt: skip
+"""Config fields ``--resume`` may change; the others would break the continuation."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run directory and the final evaluation."""
+
+    run_dir: Path
+    final: dict[str, Any]
+    best: dict[str, Any] | None
+
+
+def compute_loss(
+    kind: str,
+    output: models.ModelOutput,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.9,
+    reconstruction_weight: float = 0.0005,
+    reduction: str = "mean",
+) -> Tensor:
+    """The training objective of ``kind`` (``"margin"``, ``"spread"``, ``"cross_entropy"``).
+
+    ``margin`` adds ``reconstruction_weight`` x the reconstruction loss when the model
+    returns reconstructions ([S17] §4.1); ``spread`` uses ``margin`` ([H18] §3.1). Losses
+    are computed in float32 (also under bf16 autocast).
+    """
+    scores = output.scores.float()
+    if kind == "margin":
+        loss = F.margin_loss(scores, labels, reduction=reduction)
+        if output.reconstructions is not None and reconstruction_weight > 0:
+            recon = F.reconstruction_loss(
+                output.reconstructions.float(), images.float(), reduction=reduction
+            )
+            loss = loss + reconstruction_weight * recon
+        return loss
+    if kind == "spread":
+        return F.spread_loss(scores, labels, margin, reduction=reduction)
+    if kind == "cross_entropy":
+        return TF.cross_entropy(scores, labels, reduction=reduction)
+    raise ValueError(f"loss must be 'margin', 'spread' or 'cross_entropy', got {kind!r}")
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
+    """The saved config of ``run_dir`` with ``overrides`` (only :data:`RESUME_OVERRIDES`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"cannot resume: {run_dir / 'config.json'} does not exist")
+    if not checkpoint_exists(run_dir, "last"):
+        raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
+    saved = json.loads((run_dir / "config.json").read_text())
+    bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and saved.get(k) != v)
+    if bad:
+        raise ValueError(
+            f"--resume continues {run_dir} with its saved config; {', '.join(bad)} cannot "
+            f"change. Changeable: {', '.join(RESUME_OVERRIDES)}"
+        )
+    saved.update(overrides, output_dir=str(run_dir))
+    return config_from_dict(saved, source=str(run_dir / "config.json"))
+
+
+def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
+    """Train (or, with ``resume=True``, continue) the run described by ``config``.
+
+    With ``resume`` the run directory ``config.output_dir`` must hold a last checkpoint
+    (see :func:`resume_config`).
+    """
+    ctx = distributed.setup(config.dist_backend, config.device, config.dist_timeout)
+    try:
+        return Trainer(config, ctx, resume=resume).fit()
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _lr_factor(cfg: RunConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.lr_schedule == "exponential":  # tf.train.exponential_decay, as the papers
+            exponent = step / cfg.lr_decay_steps
+            return cfg.lr_decay_rate ** (math.floor(exponent) if cfg.lr_staircase else exponent)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return 1.0
+
+    return factor
+
+
+class _Meter:
+    """Sums of loss, correct predictions and examples, kept on the device (no syncs)."""
+
+    def __init__(self, device: torch.device, sums: list[float] | None = None) -> None:
+        self.sums = torch.tensor(sums or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+
+    def add(self, loss: Tensor, scores: Tensor, labels: Tensor) -> None:
+        n = labels.shape[0]
+        correct = (scores.argmax(-1) == labels).sum()
+        self.sums += torch.stack(
+            [loss.detach().double() * n, correct.double(), loss.new_tensor(n).double()]
+        )
+
+    def reduced(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, examples) over every rank."""
+        loss, correct, n = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        return loss / max(n, 1), correct / max(n, 1), int(n)
+
+
+class _RunLog:
+    """metrics.jsonl (+ TensorBoard when installed); a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def truncate(self, step: int) -> None:
+        """Drop records after ``step`` (written by a run killed after its last checkpoint)."""
+        if self.enabled and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            keep = [r for r in rows if r.get("step", 0) <= step and r.get("kind") != "end"]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, float | int) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Builds data, model, optimiser and schedule from a config and runs the epochs."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext, *, resume: bool = False) -> None:
+        from capsnet import data
+
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        if cfg.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} (global) must be divisible by the "
+                f"{ctx.world_size} ranks"
+            )
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.run_dir = self._run_dir(resume)
+        # Data: rank 0 first, so a download happens once.
+        kw = {"root": cfg.data_root, "download": cfg.download, **cfg.data_kwargs}
+        for turn in (0, 1):
+            if (turn == 0) == ctx.is_main:
+                train_ds = data.create(cfg.dataset, split="train", **kw)
+                self.eval_ds = data.create(cfg.dataset, split=cfg.eval_split, **kw)
+            distributed.barrier()
+        self.train_ds, self.val_ds = self._split(train_ds)
+        self.classes = list(self.eval_ds.classes)
+        loader_kw = {"device": self.device, "rank": ctx.rank, "world_size": ctx.world_size}
+        self.loader = data.BatchLoader(
+            self.train_ds, cfg.batch_size // ctx.world_size, shuffle=True, seed=cfg.seed,
+            drop_last=True, augment=cfg.augment, **loader_kw,
+        )  # fmt: skip
+        # Evaluation: rank r takes examples r, r + world_size, ... (no padding, so the
+        # counts summed over ranks are exact).
+        self.eval_loaders = {
+            name: data.BatchLoader(
+                ds.subset(torch.arange(ctx.rank, len(ds), ctx.world_size)),
+                cfg.eval_batch_size,
+                shuffle=False,
+                augment=False,
+                device=self.device,
+            )
+            for name, ds in (("val", self.val_ds), (cfg.eval_split, self.eval_ds))
+            if ds is not None
+        }
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"{len(self.train_ds)} training images give no full batch of {cfg.batch_size}"
+            )
+        self.steps_per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
+        # Model, loss, optimiser, schedule.
+        self.model_kwargs = {
+            "num_classes": train_ds.num_classes,
+            "in_channels": train_ds.in_channels,
+            "input_size": list(train_ds.image_size),
+            **cfg.model_arguments(),
+        }
+        torch.manual_seed(cfg.seed)
+        self.model = models.create(cfg.model, **self.model_kwargs).to(self.device)
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout etc. differ between ranks
+        info = models.model_info(cfg.model)
+        self.loss_kind = info.loss if cfg.loss == "auto" else cfg.loss
+        self.capsule_scores = info.loss != "cross_entropy"
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.model, device_ids=None)
+            if ctx.is_distributed
+            else self.model
+        )
+        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+        self.optimizer = opt[cfg.optimizer](
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra
+        )
+        total = cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, total))
+        self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
+        self.epoch_sums: list[float] | None = None
+        self.log = _RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
+        if resume:
+            self._resume()
+        elif ctx.is_main:
+            atomic_write(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _run_dir(self, resume: bool) -> Path:
+        cfg = self.cfg
+        name = cfg.output_dir
+        if name is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = str(Path("runs") / f"{cfg.recipe or cfg.model}-{cfg.dataset}-{stamp}")
+        run_dir = Path(distributed.broadcast_object(name))
+        if resume:
+            if not checkpoint_exists(run_dir, "last"):
+                raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
+        elif checkpoint_exists(run_dir, "last") or (run_dir / "config.json").exists():
+            raise FileExistsError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
+                f"choose another --output-dir"
+            )
+        if self.ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        return run_dir
+
+    def _split(self, ds: Any) -> tuple[Any, Any]:
+        """Fixed random subsets for ``val_samples`` and ``train_samples`` (seeded)."""
+        cfg = self.cfg
+        if not cfg.val_samples and not cfg.train_samples:
+            return ds, None
+        if cfg.val_samples >= len(ds):
+            raise ValueError(f"val_samples {cfg.val_samples} >= {len(ds)} training images")
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
+        val = perm[: cfg.val_samples].sort().values
+        rest = perm[cfg.val_samples :]
+        if cfg.train_samples:
+            rest = rest[: cfg.train_samples]
+        val_ds = ds.subset(val) if cfg.val_samples else None
+        return ds.subset(rest.sort().values), val_ds
+
+    def _resume(self) -> None:
+        record = load_checkpoint(self.run_dir, "last", self.model, self.optimizer, self.scheduler)
+        for key in self.state:
+            self.state[key] = record[key]
+        self.epoch_sums = record.get("epoch_sums")
+        if self.ctx.rank > 0:  # rank 0's generator was restored; keep the others distinct
+            torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 7919 * self.state["step"])
+        self.log.truncate(self.state["step"])
+        self._print(
+            f"resuming {self.run_dir} at epoch {self.state['epoch'] + 1}, "
+            f"batch {self.state['batch_in_epoch']}, step {self.state['step']}"
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        cfg, st = self.cfg, self.state
+        params = sum(p.numel() for p in self.model.parameters())
+        self._print(
+            f"{cfg.model} ({params:,} parameters) on {cfg.dataset}: {len(self.train_ds)} train / "
+            f"{len(self.eval_ds)} {cfg.eval_split} images, {self.steps_per_epoch} steps of "
+            f"{cfg.batch_size} per epoch, {self.loss_kind} loss, device {self.device}"
+            + (f", {self.ctx.world_size} ranks" if self.ctx.is_distributed else "")
+        )
+        self.log.write({
+            "kind": "start", "step": st["step"], "model": cfg.model, "dataset": cfg.dataset,
+            "parameters": params, "world_size": self.ctx.world_size, "device": str(self.device),
+            "train_images": len(self.train_ds), "steps_per_epoch": self.steps_per_epoch,
+        })  # fmt: skip
+        final = None
+        for epoch in range(st["epoch"], cfg.epochs):
+            train_loss, train_acc, seconds = self._train_epoch(epoch)
+            st.update(epoch=epoch + 1, batch_in_epoch=0)
+            record = {
+                "kind": "epoch", "epoch": epoch + 1, "step": st["step"],
+                "train_loss": train_loss, "train_accuracy": train_acc,
+                "lr": self.scheduler.get_last_lr()[0], "time_s": round(seconds, 2),
+                "images_per_s": round(self.steps_per_epoch * cfg.batch_size / seconds, 1),
+            }  # fmt: skip
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                final = self._evaluate_all(record)
+            self.log.write(record)
+            self._print(self._summary(record))
+            self._save("last", record)
+        if final is None:  # resumed after the last epoch had finished
+            final = self._evaluate_all({})
+        if self.ctx.is_main:
+            atomic_write(self.run_dir / "evaluation.json", json.dumps(final, indent=1))
+            self.log.write({"kind": "end", "step": st["step"], "best": st["best"]})
+            self._finish(final)
+        self.log.close()
+        distributed.barrier()
+        return TrainResult(self.run_dir, final, st["best"])
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        cfg, st = self.cfg, self.state
+        self.ddp.train()
+        start = st["batch_in_epoch"]
+        meter, window = _Meter(self.device, self.epoch_sums), _Meter(self.device)
+        self.epoch_sums = None
+        # Spread-loss margin: +margin_per_epoch per whole epoch, 0.2 -> 0.9 ([H18] §3.1).
+        margin = F.spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.ctx.is_main), unit="batch", dynamic_ncols=True,
+        )  # fmt: skip
+        tic = time.perf_counter()
+        window_tic, window_steps = tic, 0
+        for i, (images, labels) in self._batches(epoch, start):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = self.ddp(images, labels)
+            loss = compute_loss(
+                self.loss_kind, out, images, labels, margin=margin,
+                reconstruction_weight=cfg.reconstruction_weight,
+            )  # fmt: skip
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            st["step"] += 1
+            st["batch_in_epoch"] = i + 1
+            meter.add(loss, out.scores, labels)
+            window.add(loss, out.scores, labels)
+            window_steps += 1
+            bar.update()
+            if st["step"] % cfg.log_every == 0 or i + 1 == self.steps_per_epoch:
+                w_loss, w_acc, w_n = window.reduced()
+                speed = w_n / (time.perf_counter() - window_tic)
+                bar.set_postfix(
+                    loss=f"{w_loss:.4f}", acc=f"{100 * w_acc:.1f}%", img_s=f"{speed:.0f}"
+                )
+                self.log.write({
+                    "kind": "train", "step": st["step"],
+                    "epoch": round(epoch + (i + 1) / self.steps_per_epoch, 4),
+                    "loss": w_loss, "accuracy": w_acc, "lr": self.scheduler.get_last_lr()[0],
+                    "images_per_s": round(speed, 1),
+                    **({"margin": margin} if self.loss_kind == "spread" else {}),
+                })  # fmt: skip
+                window, window_tic, window_steps = _Meter(self.device), time.perf_counter(), 0
+            if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
+                    self.epoch_sums = meter.sums.tolist()
+                    self._save("last", None)
+        bar.close()
+        loss, acc, _ = meter.reduced()
+        return loss, acc, time.perf_counter() - tic
+
+    def _batches(self, epoch: int, start: int):
+        """``(index, batch)`` of ``epoch`` from batch ``start`` (mid-epoch resume).
+
+        The loader's order and augmentation are functions of (seed, epoch, batch), so
+        starting at ``start`` yields exactly what an uninterrupted pass yields there.
+        """
+        self.loader.set_epoch(epoch, start_batch=start)
+        for i, batch in enumerate(self.loader, start):
+            if i >= self.steps_per_epoch:
+                break
+            yield i, batch
+
+    # ------------------------------------------------------------------ evaluation, saving
+
+    def _evaluate_all(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate on val (if any) and the eval split; update best; fill ``record``."""
+        cfg = self.cfg
+
+        def loss_fn(out, labels):
+            return compute_loss(self.loss_kind, out._replace(reconstructions=None), None,
+                                labels, margin=cfg.margin_stop, reduction="none")  # fmt: skip
+
+        results: dict[str, EvalResult] = {}
+        for name, loader in self.eval_loaders.items():
+            results[name] = evaluate(
+                self.model, loader, num_classes=len(self.classes), classes=self.classes,
+                capsule_scores=self.capsule_scores, loss_fn=loss_fn, precision=cfg.precision,
+                limit_batches=cfg.limit_eval_batches, progress=cfg.progress and self.ctx.is_main,
+            )  # fmt: skip
+            record[f"{name}_loss"] = results[name].loss
+            record[f"{name}_accuracy"] = results[name].accuracy
+            record[f"{name}_error"] = results[name].error
+        select = "val" if "val" in results else cfg.eval_split
+        best = self.state["best"]
+        if record and (best is None or results[select].accuracy > best["accuracy"]):
+            self.state["best"] = {
+                "epoch": record["epoch"], "step": self.state["step"], "selected_on": select,
+                "accuracy": results[select].accuracy,
+                f"{cfg.eval_split}_accuracy": results[cfg.eval_split].accuracy,
+            }  # fmt: skip
+            record["best"] = True
+            self._save("best", record)
+        return {"split": cfg.eval_split, **results[cfg.eval_split].to_dict()}
+
+    def _save(self, tag: str, record: dict[str, Any] | None) -> None:
+        if not self.ctx.is_main:
+            return
+        state = {**self.state, "world_size": self.ctx.world_size, "metrics": record}
+        if tag == "last":
+            state["epoch_sums"] = self.epoch_sums
+        save_checkpoint(
+            self.run_dir, tag, self.model, model_name=self.cfg.model,
+            model_kwargs=self.model_kwargs, config=self.cfg.to_dict(), trainer_state=state,
+            optimizer=self.optimizer if tag == "last" else None,
+            scheduler=self.scheduler if tag == "last" else None,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ output
+
+    def _print(self, text: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _summary(self, r: dict[str, Any]) -> str:
+        split = self.cfg.eval_split
+        text = (
+            f"epoch {r['epoch']}/{self.cfg.epochs}  train loss {r['train_loss']:.4f} "
+            f"acc {100 * r['train_accuracy']:.2f}%"
+        )
+        if "val_accuracy" in r:
+            text += f"  val error {100 * r['val_error']:.2f}%"
+        if f"{split}_accuracy" in r:
+            text += (
+                f"  {split} loss {r[f'{split}_loss']:.4f} error {100 * r[f'{split}_error']:.2f}%"
+            )
+        text += f"  lr {r['lr']:.2e}  {r['images_per_s']:.0f} img/s  {r['time_s']:.0f} s"
+        return text + ("  *best*" if r.get("best") else "")
+
+    def _finish(self, final: dict[str, Any]) -> None:
+        plot = None
+        if self.cfg.plot:
+            plot = self._plot()
+        best = self.state["best"]
+        lines = [
+            f"\n{self.cfg.eval_split} error {100 * final['error']:.2f}% "
+            f"({final['num_examples']} images, final model)"
+        ]
+        if best is not None:
+            lines.append(
+                f"best checkpoint: epoch {best['epoch']} ({best['selected_on']} accuracy "
+                f"{100 * best['accuracy']:.2f}%)"
+            )
+        lines.append(f"run saved in {self.run_dir}/")
+        for name in ("best.safetensors", "last.safetensors", "metrics.jsonl", "evaluation.json"):
+            if (self.run_dir / name).exists():
+                lines.append(f"  {self.run_dir / name}")
+        if plot is not None:
+            lines.append(f"  {plot}   (loss and accuracy curves)")
+        lines.append(f"evaluate again: capsnet evaluate {self.run_dir}")
+        lines.append(f"in Python:      model = capsnet.load({str(self.run_dir)!r})")
+        self._print("\n".join(lines))
+
+    def _plot(self) -> Path | None:
+        try:
+            from capsnet.plots import plot_training_curves
+        except ImportError:
+            return None
+        split = self.cfg.eval_split
+        rows = []
+        for r in self.log.rows():
+            if r.get("kind") == "train":
+                rows.append({"epoch": r["epoch"], "train_loss": r["loss"],
+                             "train_accuracy": r["accuracy"]})  # fmt: skip
+            elif r.get("kind") == "epoch":
+                keys = [f"{split}_loss", f"{split}_accuracy", "val_loss", "val_accuracy"]
+                rows.append({"epoch": r["epoch"], **{k: r[k] for k in keys if k in r}})
+        if not rows:
+            return None
+        return plot_training_curves(rows, self.run_dir / "curves.png", x_key="epoch")
