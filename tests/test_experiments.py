@@ -139,9 +139,13 @@ def test_routing_trace_matches_functional(which):
         assert torch.allclose(trace[-1]["activations"], out.scores, atol=1e-5)
         lam = call.arguments["inverse_temperatures"] or CF.default_inverse_temperatures(3)
         mu1, _, r1 = CF.em_routing(
-            call.arguments["votes"], call.arguments["activations"], call.arguments["beta_u"],
-            call.arguments["beta_a"], 1, list(lam)[:1],
-        )  # fmt: skip
+            call.arguments["votes"],
+            call.arguments["activations"],
+            call.arguments["beta_u"],
+            call.arguments["beta_a"],
+            1,
+            list(lam)[:1],
+        )
         assert torch.allclose(trace[0]["means"], mu1) and torch.allclose(
             trace[0]["assignments"], r1
         )
@@ -197,10 +201,15 @@ def test_attack_experiment_writes_json_and_plot(tmp_path):
     data = FakeDataset(8)
     models = {"capsules": tiny_capsnet(reconstruction=False), "cnn": TinyCNN()}
     rec = experiments.attack_experiment(
-        models, data, tmp_path, epsilons=[0.0, 0.1], steps=2, batch_size=4,
+        models,
+        data,
+        tmp_path,
+        epsilons=[0.0, 0.1],
+        steps=2,
+        batch_size=4,
         losses={"capsules": "model", "cnn": "cross_entropy"},
         model_names={"capsules": "capsnet"},
-    )  # fmt: skip
+    )
     stored = load(tmp_path / "attack.json")
     assert stored == rec
     assert stored["figures"] == ["attack.png"]
@@ -208,8 +217,11 @@ def test_attack_experiment_writes_json_and_plot(tmp_path):
     runs = stored["results"]["capsules"]
     assert len(runs) == 4 and runs[0]["loss"] == "margin"
     assert {(r["method"], r["targeted"]) for r in runs} == {
-        ("fgsm", False), ("fgsm", True), ("bim", False), ("bim", True)
-    }  # fmt: skip
+        ("fgsm", False),
+        ("fgsm", True),
+        ("bim", False),
+        ("bim", True),
+    }
     assert runs[0]["accuracy"][0] == runs[0]["clean_accuracy"]
     assert len(stored["summary"]) == 8
     with pytest.raises(ValueError, match="model_names"):

@@ -348,10 +348,17 @@ def evaluate_attack(
                     adv = (images + eps * direction).clamp(0.0, 1.0)
                 else:
                     adv = bim(
-                        model, images, labels, eps, steps=steps,
-                        step_size=step_size_fraction * eps, targets=targets, loss=loss,
-                        preprocess=preprocess, spread_margin=spread_margin,
-                    )  # fmt: skip
+                        model,
+                        images,
+                        labels,
+                        eps,
+                        steps=steps,
+                        step_size=step_size_fraction * eps,
+                        targets=targets,
+                        loss=loss,
+                        preprocess=preprocess,
+                        spread_margin=spread_margin,
+                    )
                 with torch.no_grad():
                     x_in = preprocess(adv) if preprocess is not None else adv
                     pred = model(x_in).scores.argmax(-1)

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,8 @@ __all__ = [
     "reconstruction_experiment",
     "routing_experiment",
     "equivariance_experiment",
+    "affine_test_set",
+    "affnist_experiment",
     "matched_checkpoints",
     "viewpoint_masks",
     "AZIMUTH_FAMILIAR",
@@ -93,14 +94,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -238,9 +237,12 @@ def evaluate_accuracy(
     correct = total = 0
     try:
         for images, labels in eval_batches(
-            dataset, batch_size=batch_size, max_examples=max_examples, indices=indices,
+            dataset,
+            batch_size=batch_size,
+            max_examples=max_examples,
+            indices=indices,
             device=device,
-        ):  # fmt: skip
+        ):
             x = _model_input(dataset, images)
             if transform is not None:
                 x = transform(x)
@@ -382,7 +384,7 @@ def attack_experiment(
             "max_examples": max_examples,
             "seed": seed,
             "dataset": getattr(dataset, "name", type(dataset).__name__),
-        },  # fmt: skip
+        },
         models=_describe(models, model_names),
         results=results,
         figures=[figure],
@@ -452,7 +454,7 @@ def transform_sweep(
                 batch_size=batch_size,
                 max_examples=max_examples,
                 device=device,
-            )  # fmt: skip
+            )
             for v in _progress(progress, list(values), desc=f"{label} {kind}", leave=False)
         ]
     name = f"{kind}_sweep"
@@ -478,7 +480,7 @@ def transform_sweep(
             "values": list(values),
             "train_range": train_range,
             "max_examples": max_examples,
-        },  # fmt: skip
+        },
         models=_describe(models, model_names),
         results={"values": list(values), "accuracy": accuracy},
         figures=[figure],
@@ -580,12 +582,20 @@ def reconstruction_experiment(
         reference = model.reconstruct(base, torch.tensor([cls], device=device))
         sensitivity = (decoded - reference).abs().flatten(2).mean(-1).mean(-1)  # (D,)
         fig = plots.plot_pose_perturbation(
-            decoded, deltas, out_dir / f"perturbation_{len(perturbed)}.png",
+            decoded,
+            deltas,
+            out_dir / f"perturbation_{len(perturbed)}.png",
             title=f"test example {i}: class {names[cls]}, each of {pose_dim} dimensions perturbed",
-        )  # fmt: skip
+        )
         figures.append(fig)
-        perturbed.append({"index": i, "label": int(labels[i]), "predicted": cls,
-                          "dimension_sensitivity": sensitivity})  # fmt: skip
+        perturbed.append(
+            {
+                "index": i,
+                "label": int(labels[i]),
+                "predicted": cls,
+                "dimension_sensitivity": sensitivity,
+            }
+        )
     results = {
         "num_examples": int(x.shape[0]),
         "mean_squared_error": float(sq_err.mean()),
@@ -606,7 +616,7 @@ def reconstruction_experiment(
                 "examples": int(x.shape[0]),
                 "sum sq. error / image": results["mean_squared_error"],
             }
-        ],  # fmt: skip
+        ],
         notes=[
             "Decoder input: the longest class capsule, others masked (test-time masking).",
             "Perturbation grids: row d adds delta to dimension d of the predicted class "
@@ -746,19 +756,28 @@ def routing_experiment(
     dead = probes.dead_capsule_fraction(
         {k: torch.cat(v) for k, v in layer_acts.items()}, threshold=dead_threshold
     )
-    figures.append(plots.plot_lines(
-        list(range(1, len(per_iter) + 1)),
-        {"to the true class": [p["true_distance"] for p in per_iter],
-         "to the other classes (mean)": [p["other_distance"] for p in per_iter]},
-        out_dir / "agreement_by_iteration.png", xlabel="routing iteration",
-        ylabel="assignment-weighted mean vote distance",
-        title=f"Votes vs parent means, {total} test inputs",
-    ))  # fmt: skip
-    figures.append(plots.plot_bars(
-        {layer: {label: frac} for layer, frac in dead.items()}, out_dir / "dead_capsules.png",
-        ylabel=f"fraction with activation <= {dead_threshold:g}", ylim=(0, 1.05),
-        title="Dead capsules per layer",
-    ))  # fmt: skip
+    figures.append(
+        plots.plot_lines(
+            list(range(1, len(per_iter) + 1)),
+            {
+                "to the true class": [p["true_distance"] for p in per_iter],
+                "to the other classes (mean)": [p["other_distance"] for p in per_iter],
+            },
+            out_dir / "agreement_by_iteration.png",
+            xlabel="routing iteration",
+            ylabel="assignment-weighted mean vote distance",
+            title=f"Votes vs parent means, {total} test inputs",
+        )
+    )
+    figures.append(
+        plots.plot_bars(
+            {layer: {label: frac} for layer, frac in dead.items()},
+            out_dir / "dead_capsules.png",
+            ylabel=f"fraction with activation <= {dead_threshold:g}",
+            ylim=(0, 1.05),
+            title="Dead capsules per layer",
+        )
+    )
     summary = [{"iteration": t + 1, **p} for t, p in enumerate(per_iter)] + [
         {"layer": k, "dead fraction": v, "capsules": int(layer_acts[k][0].shape[1])}
         for k, v in dead.items()
@@ -771,7 +790,7 @@ def routing_experiment(
             "num_examples": num_examples,
             "max_examples": total,
             "dead_threshold": dead_threshold,
-        },  # fmt: skip
+        },
         models=_describe({label: model}, None),
         results={"per_iteration": per_iter, "dead_fraction": dead, "examples": shown},
         figures=figures,
@@ -869,12 +888,17 @@ def equivariance_experiment(
                 series[f"{label} / {k}: linear map"] = [y["linear_residual"] for y in ys]
                 series[f"{label} / {k}: identity"] = [y["identity_residual"] for y in ys]
                 styles[f"{label} / {k}: identity"] = ":"
-        figures.append(plots.plot_lines(
-            list(values), series, out_dir / f"equivariance_{kind}.png",
-            xlabel=f"{kind} ({_UNITS[kind]})", ylabel="held-out residual (1 - R^2)",
-            title=f"Equivariance under {kind}: can one linear map predict f(Tx) from f(x)?",
-            styles=styles,
-        ))  # fmt: skip
+        figures.append(
+            plots.plot_lines(
+                list(values),
+                series,
+                out_dir / f"equivariance_{kind}.png",
+                xlabel=f"{kind} ({_UNITS[kind]})",
+                ylabel="held-out residual (1 - R^2)",
+                title=f"Equivariance under {kind}: can one linear map predict f(Tx) from f(x)?",
+                styles=styles,
+            )
+        )
     summary = []
     for label, per_feature in results.items():
         for k, table in per_feature.items():
@@ -891,7 +915,7 @@ def equivariance_experiment(
             "max_examples": max_examples,
             "fit_fraction": fit_fraction,
             "ridge": ridge,
-        },  # fmt: skip
+        },
         models=_describe(models, model_names),
         results=results,
         figures=figures,
@@ -903,6 +927,104 @@ def equivariance_experiment(
             "means the features barely move (invariance), which a linear map also explains.",
             "A larger feature vector gives the fitted map more freedom; see `dim`.",
         ],
+    )
+    return _finish(out_dir, record)
+
+
+# --------------------------------------------------------------------------- affNIST
+
+
+def affine_test_set(
+    name: str = "auto", *, data_root: str | os.PathLike | None = None, download: bool = False
+) -> Any:
+    """The affine-digit test set: ``"affnist"``, ``"affnist_generated"`` or ``"auto"``.
+
+    ``"auto"`` uses the real affNIST test set when its files are present and otherwise the
+    self-generated affNIST-style set (``affnist_generated``, documented in
+    :mod:`capsnet.data`).
+    """
+    from capsnet import data
+
+    if name != "auto":
+        return data.create(name, split="test", root=data_root, download=download)
+    try:
+        return data.create("affnist", split="test", root=data_root, download=download)
+    except (RuntimeError, FileNotFoundError):
+        return data.create("affnist_generated", split="test", root=data_root)
+
+
+def affnist_experiment(
+    models: Mapping[str, nn.Module],
+    familiar: Any,
+    affine: Any,
+    out_dir: str | os.PathLike,
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 250,
+    model_names: Mapping[str, str] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """[S17] §5.2: models trained on randomly shifted 40x40 MNIST, tested on affine digits.
+
+    Args:
+        models: ``{label: model}`` trained on ``mnist_shifted40`` (the capsule model and
+            the baseline CNN).
+        familiar: the test set of the training distribution (``mnist_shifted40`` test).
+        affine: the affine test set (:func:`affine_test_set`).
+        out_dir: where ``affnist.json`` and ``affnist.png`` go.
+        max_examples, batch_size, model_names, device: as in :func:`attack_experiment`.
+
+    The paper compared models at matched accuracy on the expanded MNIST test set (99.23 %
+    vs 99.22 %): CapsNet 79 % on affNIST, the CNN 66 %. The record states both models'
+    familiar accuracies so a mismatch is visible.
+    """
+    _check_models(models)
+    out_dir = Path(out_dir)
+    device = resolve_device(device)
+    results = {}
+    for label, model in models.items():
+        model.to(device)
+        results[label] = {
+            "familiar_accuracy": evaluate_accuracy(
+                model, familiar, batch_size=batch_size, max_examples=max_examples, device=device
+            ),
+            "affine_accuracy": evaluate_accuracy(
+                model, affine, batch_size=batch_size, max_examples=max_examples, device=device
+            ),
+        }
+    familiar_name = getattr(familiar, "name", "familiar")
+    affine_name = getattr(affine, "name", "affine")
+    figure = plots.plot_bars(
+        {
+            f"{familiar_name} (test)": {k: v["familiar_accuracy"] for k, v in results.items()},
+            f"{affine_name} (test)": {k: v["affine_accuracy"] for k, v in results.items()},
+        },
+        out_dir / "affnist.png",
+        ylabel="accuracy",
+        ylim=(0, 1.08),
+        title="Trained on shifted MNIST, tested on affine-transformed digits",
+    )
+    accs = [v["familiar_accuracy"] for v in results.values()]
+    notes = [
+        "Paper ([S17] §5.2): CapsNet 79 % vs CNN 66 % on affNIST at matched 99.23 % / 99.22 % "
+        "on the expanded MNIST test set.",
+        f"Familiar-test accuracies here differ by {100 * (max(accs) - min(accs)):.2f} points; "
+        "the paper's comparison assumes they match.",
+    ]
+    if "generated" in str(affine_name):
+        notes.append(
+            "The affine test set is self-generated in the affNIST style (the real affNIST "
+            "files were not available), so numbers are not directly comparable to the paper."
+        )
+    record = make_record(
+        "affnist",
+        "affNIST generalisation",
+        settings={"familiar": familiar_name, "affine": affine_name, "max_examples": max_examples},
+        models=_describe(models, model_names),
+        results=results,
+        figures=[figure],
+        summary=[{"model": k, **v} for k, v in results.items()],
+        notes=notes,
     )
     return _finish(out_dir, record)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,13 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         plt.close(fig)
@@ -266,6 +264,7 @@ def plot_routing_histograms(
 
     Rows are routing iterations, columns class capsules; each panel is the histogram of
     ``|vote_ij - mean_j|`` over children i, each weighted by its assignment to parent j.
+    All panels share the y axis, so a panel's area is the assignment mass of that parent.
 
     Args:
         distances: per iteration, ``(I, O)`` distances for one input.
@@ -293,14 +292,14 @@ def plot_routing_histograms(
         figsize=(1.35 * classes + 0.6, 1.15 * iterations + 0.6),
         squeeze=False,
         sharex=True,
+        sharey=True,
     )
     for t in range(iterations):
         for j in range(classes):
             ax = axes[t, j]
             counts, _ = np.histogram(d[t][:, j], bins=edges, weights=w[t][:, j])
             ax.stairs(counts, edges, fill=True, color="C0")
-            ax.tick_params(labelsize=5)
-            ax.set_yticks([])
+            ax.tick_params(labelsize=5, left=False, labelleft=False)
             if t == 0:
                 ax.set_title(class_names[j] if class_names else str(j), fontsize=7)
             if j == 0:
@@ -336,8 +335,9 @@ def plot_couplings(
     order = np.lexsort((-final.max(1), final.argmax(1)))
     fig, axes = plt.subplots(1, len(a), figsize=(2.2 * len(a) + 0.8, 3.8), squeeze=False)
     for t, ax in enumerate(axes[0]):
-        im = ax.imshow(a[t][order], aspect="auto", interpolation="nearest", cmap="viridis",
-                       vmin=0.0, vmax=1.0)  # fmt: skip
+        im = ax.imshow(
+            a[t][order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0
+        )
         ax.set_title(f"iteration {t + 1}", fontsize=8)
         ax.set_xticks(range(final.shape[1]))
         ax.set_xticklabels(class_names or range(final.shape[1]), fontsize=6, rotation=90)
@@ -412,9 +412,10 @@ def plot_training_curves(
     keys: list[str] = []
     for r in rows:
         keys += [
-            k for k, v in r.items()
+            k
+            for k, v in r.items()
             if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]  # fmt: skip
+        ]
     if x_key is None:
         x_key = next((k for k in ("epoch", "step") if k in keys), None)
     skip = {x_key, "epoch", "step", "time", "timestamp", "wall_time", "elapsed", "lr_step"}

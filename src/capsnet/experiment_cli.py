@@ -1,0 +1,491 @@
+"""``capsnet attack``, ``capsnet experiment ...`` and ``capsnet report``: the command line
+front of :mod:`capsnet.experiments` and :mod:`capsnet.report`.
+
+:func:`register_cli` adds the subcommands to the ``capsnet`` parser; each parser carries
+its handler as ``args.handler`` (a function ``args -> exit status``), also listed in
+:data:`HANDLERS` by command name.
+
+Models are given as run directories (or ``.safetensors`` checkpoints) written by
+``capsnet train``; the test data is the run's own dataset (``--dataset`` / ``--split``
+override it). Results go to ``<RUN_DIR>/experiments/<experiment>/`` unless ``--out`` says
+otherwise, where ``capsnet report RUN_DIR`` finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register_cli", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with what the experiments need to know about it."""
+
+    model: Any
+    name: str  # registry name
+    label: str  # shown in plots and tables
+    run_dir: Path  # the run directory (or the checkpoint's folder)
+    config: dict[str, Any]
+    path: str  # the weights file
+
+
+def load_run(path: str | os.PathLike, *, which: str = "best", device: str = "cpu") -> LoadedRun:
+    """Load a run directory or ``.safetensors`` checkpoint with its metadata."""
+    from capsnet.checkpoint import load, read_metadata
+
+    meta = read_metadata(path, which)
+    model = load(path, which=which, device=device)
+    p = Path(path)
+    run_dir = p if p.is_dir() else p.parent
+    return LoadedRun(model, meta["model"], meta["model"], run_dir, meta["config"], meta["path"])
+
+
+def run_dataset(
+    run: LoadedRun,
+    *,
+    split: str = "test",
+    dataset: str | None = None,
+    data_root: str | None = None,
+    download: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """The test data of a run: its dataset (or ``dataset``) with its ``data_kwargs``."""
+    from capsnet import data
+
+    name = dataset or run.config.get("dataset")
+    if not name:
+        raise ValueError(f"{run.run_dir}: the checkpoint names no dataset; pass --dataset")
+    data_kwargs = dict(run.config.get("data_kwargs") or {}) if dataset is None else {}
+    data_kwargs.update(kwargs)
+    root = data_root or run.config.get("data_root")
+    return data.create(name, split=split, root=root, download=download, **data_kwargs)
+
+
+def _unique_labels(runs: Sequence[LoadedRun]) -> None:
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label = f"{r.name} ({r.run_dir.name})"
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+class _Floats(argparse.Action):
+    """A list of numbers: ``--values -10 0 10`` or ``--values 0,0.1,0.2`` (or both)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        numbers = []
+        for text in values:
+            for item in str(text).replace(",", " ").split():
+                try:
+                    numbers.append(float(item))
+                except ValueError:
+                    parser.error(f"{option_string}: expected numbers, got {item!r}")
+        setattr(namespace, self.dest, numbers)
+
+
+def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
+    p.add_argument("run", metavar="RUN_DIR", help="run directory or .safetensors checkpoint")
+    if baseline:
+        p.add_argument(
+            "--baseline",
+            metavar="RUN_DIR",
+            action="append",
+            default=[],
+            help="a model to compare with (e.g. the baseline CNN); repeatable",
+        )
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
+    p.add_argument("--dataset", help="test on another dataset (default: the run's)")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--data-root", help="data folder (default: the run's)")
+    p.add_argument("--download", action="store_true", help="download missing data")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/experiments/<experiment>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``attack``, ``experiment`` and ``report`` to a ``capsnet`` subparsers object.
+
+    Returns :data:`HANDLERS` (``{command: handler}``); each parser also sets
+    ``args.handler``.
+    """
+    p = subparsers.add_parser(
+        "attack",
+        help="white-box FGSM/BIM robustness of a model (and baselines) over an epsilon sweep",
+        description="Adversarial robustness: FGSM and BIM, untargeted and targeted, over a "
+        "sweep of L-inf budgets on the test set. Gradients flow through routing.",
+    )
+    _common(p, baseline=True)
+    p.add_argument(
+        "--epsilons",
+        action=_Floats,
+        default=[0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
+        help="L-inf budgets in [0, 1] pixel units, e.g. 0,0.05,0.1",
+    )
+    p.add_argument("--methods", nargs="+", choices=("fgsm", "bim"), default=["fgsm", "bim"])
+    p.add_argument(
+        "--targeted",
+        choices=("both", "no", "yes"),
+        default="both",
+        help="untargeted (no), targeted at a random other class (yes) or both",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("cross_entropy", "model"),
+        default="cross_entropy",
+        help="attack loss: softmax cross-entropy on the scores (default) or each "
+        "model's paper loss (margin / spread; flat where margins hold)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="BIM iterations")
+    p.add_argument("--step-size", type=float, default=0.25, help="BIM step, fraction of eps")
+    p.add_argument("--max-examples", type=int, default=1000, help="test examples (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the targets")
+    p.set_defaults(handler=_attack)
+
+    p = subparsers.add_parser(
+        "experiment",
+        help="run one of the papers' experiments on a trained model",
+        description="The papers' experiments on trained models; each writes JSON + PNG.",
+    )
+    sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    sub.required = True
+    for kind, default, unit in (
+        ("rotation", [-60, -45, -30, -20, -10, 0, 10, 20, 30, 45, 60], "degrees"),
+        ("translation", [-8, -6, -4, -2, 0, 2, 4, 6, 8], "pixels"),
+        ("scale", [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4], "zoom"),
+    ):
+        q = sub.add_parser(kind, help=f"accuracy vs {kind} of the test images ({unit})")
+        _common(q, baseline=True)
+        q.add_argument("--values", action=_Floats, default=default, help=f"{kind}s ({unit})")
+        q.add_argument("--train-range", action=_Floats, help="shade this range: LOW HIGH")
+        q.add_argument("--max-examples", type=int, default=2000, help="test examples (0: all)")
+        q.set_defaults(handler=_sweep, kind=kind)
+    q = sub.add_parser("reconstruction", help="reconstructions and pose perturbations")
+    _common(q, baseline=False)
+    q.add_argument("--num-examples", type=int, default=20)
+    q.add_argument("--num-perturbed", type=int, default=3)
+    q.set_defaults(handler=_reconstruction)
+    q = sub.add_parser("routing", help="couplings per iteration, vote distances, dead capsules")
+    _common(q, baseline=False)
+    q.add_argument("--num-examples", type=int, default=3, help="inputs drawn in detail")
+    q.add_argument("--max-examples", type=int, default=500, help="inputs in the statistics")
+    q.add_argument("--dead-threshold", type=float, default=0.01)
+    q.set_defaults(handler=_routing)
+    q = sub.add_parser("equivariance", help="linear-map residual of poses under transforms")
+    _common(q, baseline=True)
+    q.add_argument("--translations", action=_Floats, default=[1, 2, 3, 4])
+    q.add_argument("--rotations", action=_Floats, default=[5, 10, 20, 30])
+    q.add_argument("--max-examples", type=int, default=2000)
+    q.set_defaults(handler=_equivariance)
+    q = sub.add_parser(
+        "affnist",
+        help="models trained on shifted 40x40 MNIST, tested on affNIST (or the generated set)",
+    )
+    _common(q, baseline=True)
+    q.add_argument(
+        "--affine-dataset",
+        default="auto",
+        help="affnist, affnist_generated, or auto (affnist when present)",
+    )
+    q.add_argument("--max-examples", type=int, default=0, help="test examples (0: all)")
+    q.set_defaults(handler=_affnist)
+    q = sub.add_parser("all", help="every experiment that applies to the model")
+    _common(q, baseline=True)
+    q.add_argument("--max-examples", type=int, default=1000)
+    q.set_defaults(handler=_all)
+
+    p = subparsers.add_parser(
+        "report", help="one HTML page with the training curves and every experiment of a run"
+    )
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(handler=_report)
+    return HANDLERS
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _fail(message: str) -> int:
+    print(f"capsnet: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[LoadedRun], Any, Path, str]:
+    from capsnet.experiments import resolve_device
+
+    device = str(resolve_device(args.device))
+    runs = [load_run(args.run, which=args.which, device=device)]
+    runs += [load_run(b, which=args.which, device=device) for b in getattr(args, "baseline", [])]
+    _unique_labels(runs)
+    dataset = run_dataset(
+        runs[0],
+        split=args.split,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        download=args.download,
+    )
+    out = Path(args.out) if args.out else runs[0].run_dir / "experiments" / experiment
+    return runs, dataset, out, device
+
+
+def _limit(n: int | None) -> int | None:
+    return None if not n else n
+
+
+def _done(record: dict[str, Any], out: Path) -> int:
+    print(f"{record['title']}: {out / (record['experiment'] + '.json')}")
+    for f in record["figures"]:
+        print(f"  figure: {out / f}")
+    return 0
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as err:
+            if os.environ.get("CAPSNET_TRACEBACK"):
+                raise
+            return _fail(str(err))
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+@_guard
+def _attack(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, dataset, out, device = _setup(args, "attack")
+    targeted = {"both": (False, True), "no": (False,), "yes": (True,)}[args.targeted]
+    record = experiments.attack_experiment(
+        {r.label: r.model for r in runs},
+        dataset,
+        out,
+        epsilons=args.epsilons,
+        methods=args.methods,
+        targeted=targeted,
+        losses=args.loss,
+        model_names={r.label: r.name for r in runs},
+        steps=args.steps,
+        step_size_fraction=args.step_size,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        progress=_progress(args),
+    )
+    return _done(record, out)
+
+
+@_guard
+def _sweep(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, dataset, out, device = _setup(args, f"{args.kind}_sweep")
+    train_range = tuple(args.train_range) if args.train_range else None
+    if train_range is not None and len(train_range) != 2:
+        raise ValueError(f"--train-range takes two numbers, got {args.train_range}")
+    record = experiments.transform_sweep(
+        {r.label: r.model for r in runs},
+        dataset,
+        out,
+        kind=args.kind,
+        values=args.values,
+        train_range=train_range,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        model_names={r.label: r.name for r in runs},
+        device=device,
+        progress=_progress(args),
+    )
+    return _done(record, out)
+
+
+@_guard
+def _reconstruction(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, dataset, out, device = _setup(args, "reconstruction")
+    record = experiments.reconstruction_experiment(
+        runs[0].model,
+        dataset,
+        out,
+        num_examples=args.num_examples,
+        num_perturbed=args.num_perturbed,
+        label=runs[0].label,
+        device=device,
+    )
+    return _done(record, out)
+
+
+@_guard
+def _routing(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, dataset, out, device = _setup(args, "routing")
+    record = experiments.routing_experiment(
+        runs[0].model,
+        dataset,
+        out,
+        num_examples=args.num_examples,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        dead_threshold=args.dead_threshold,
+        label=runs[0].label,
+        device=device,
+        progress=_progress(args),
+    )
+    return _done(record, out)
+
+
+@_guard
+def _equivariance(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, dataset, out, device = _setup(args, "equivariance")
+    record = experiments.equivariance_experiment(
+        {r.label: r.model for r in runs},
+        dataset,
+        out,
+        translations=args.translations,
+        rotations=args.rotations,
+        max_examples=args.max_examples or len(dataset),
+        batch_size=args.batch_size,
+        model_names={r.label: r.name for r in runs},
+        device=device,
+        progress=_progress(args),
+    )
+    return _done(record, out)
+
+
+@_guard
+def _affnist(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, familiar, out, device = _setup(args, "affnist")
+    affine = experiments.affine_test_set(
+        args.affine_dataset,
+        data_root=args.data_root or runs[0].config.get("data_root"),
+        download=args.download,
+    )
+    record = experiments.affnist_experiment(
+        {r.label: r.model for r in runs},
+        familiar,
+        affine,
+        out,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        model_names={r.label: r.name for r in runs},
+        device=device,
+    )
+    return _done(record, out)
+
+
+@_guard
+def _all(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+    from capsnet.models import model_info
+
+    runs, dataset, out_root, device = _setup(args, "")
+    models = {r.label: r.model for r in runs}
+    names = {r.label: r.name for r in runs}
+    n = _limit(args.max_examples)
+    prog = _progress(args)
+    records = [
+        experiments.attack_experiment(
+            models,
+            dataset,
+            out_root / "attack",
+            model_names=names,
+            max_examples=n,
+            batch_size=args.batch_size,
+            device=device,
+            progress=prog,
+        ),
+        experiments.transform_sweep(
+            models,
+            dataset,
+            out_root / "rotation_sweep",
+            kind="rotation",
+            max_examples=n,
+            batch_size=args.batch_size,
+            model_names=names,
+            device=device,
+            progress=prog,
+        ),
+        experiments.equivariance_experiment(
+            models,
+            dataset,
+            out_root / "equivariance",
+            max_examples=n or len(dataset),
+            batch_size=args.batch_size,
+            model_names=names,
+            device=device,
+            progress=prog,
+        ),
+    ]
+    main = runs[0]
+    is_capsule = model_info(main.name).loss != "cross_entropy"
+    if is_capsule and getattr(main.model, "decoder", None) is not None:
+        records.append(
+            experiments.reconstruction_experiment(
+                main.model, dataset, out_root / "reconstruction", label=main.label, device=device
+            )
+        )
+    if is_capsule:
+        records.append(
+            experiments.routing_experiment(
+                main.model,
+                dataset,
+                out_root / "routing",
+                max_examples=min(n or 500, 500),
+                label=main.label,
+                device=device,
+                progress=prog,
+            )
+        )
+    for record in records:
+        _done(record, out_root / record["experiment"])
+    return 0
+
+
+@_guard
+def _report(args: argparse.Namespace) -> int:
+    from capsnet import report
+
+    path = report.build_report(args.run, output=args.output)
+    print(f"report written to {path}")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "attack": _attack,
+    "experiment": lambda args: args.handler(args),
+    "report": _report,
+}
