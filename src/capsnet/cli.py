@@ -43,6 +43,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(RunConfig)
     group = parser.add_argument_group("run config (RunConfig fields; recipe keys)")
     for f in dataclasses.fields(RunConfig):
+        if f.name == "recipe":  # set by --recipe
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else {}
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("train", help="train a model (a recipe, flags, or both)")
+    p = sub.add_parser("train", help="train a model (a recipe, flags, or both)", allow_abbrev=False)
     p.add_argument("--recipe", help="recipe name (see `capsnet recipes`) or a .toml file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument(

@@ -1,0 +1,110 @@
+"""The `capsnet` command: train -> evaluate -> resume end to end on tiny MNIST files, and
+clear errors for bad configuration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from training_helpers import make_mnist, tiny_flags
+
+from capsnet.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("data"))
+
+
+def test_train_evaluate_resume_end_to_end(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_flags(data_root, run)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and f"run saved in {run}" in out
+    assert "capsnet evaluate" in out
+
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "confusion" in out and "error" in out
+    record = json.loads((run / "evaluation_best_test.json").read_text())
+    assert record["num_examples"] == 40 and record["model"] == "capsnet"
+    assert len(record["per_class_accuracy"]) == 10 and len(record["mean_scores"]) == 10
+    assert record["split"] == "test"
+
+    out_file = tmp_path / "train_eval.json"
+    argv = ["evaluate", str(run / "last.safetensors"), "--split", "train", "--no-progress"]
+    assert main([*argv, "--output", str(out_file)]) == 0
+    assert json.loads(out_file.read_text())["num_examples"] == 64
+    capsys.readouterr()
+
+    # Continue the finished run for one more epoch.
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "epoch 3/3" in out
+    assert json.loads((run / "last.json").read_text())["epoch"] == 3
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2  # the original config
+
+
+def test_resume_rejects_changes(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_flags(data_root, run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "lr cannot change" in err and "epochs" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "capsnt"], "Did you mean 'capsnet'"),
+        (["--dataset", "mnsit"], "Available"),
+        (["--model-kwarg", "routings=3"], "Valid arguments: iterations"),
+        (["--model", "sabour_cnn", "--iterations", "2"], "not a capsule model"),
+        (["--recipe", "nope"], "Available recipes: "),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--model-kwarg", "num_classes=3"], "set from the dataset"),
+    ],
+)
+def test_config_errors_list_valid_choices(argv, message, capsys):
+    assert main(["train", "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capsnet: error: ") and message in err
+
+
+def test_unknown_flag_and_bad_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epoch", "3"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--optimizer", "lamb"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lamb'" in err and "adam" in err
+
+
+def test_dry_run_merges_recipe_and_flags(capsys):
+    argv = ["train", "--recipe", "quickstart", "--epochs", "1", "--model-kwarg", "primary_types=4"]
+    assert main([*argv, "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["epochs"] == 1 and cfg["recipe"] == "quickstart"
+    assert cfg["model_kwargs"] == {"conv_channels": 64, "primary_types": 4, "reconstruction": True}
+
+
+def test_recipes_models_datasets_lists(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "capsnet_mnist" in out
+    assert main(["recipes", "quickstart"]) == 0
+    assert 'model = "capsnet"' in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "matrix_capsnet" in capsys.readouterr().out
+    assert main(["datasets"]) == 0
+    assert "smallnorb" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "capsnet", "recipes"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "quickstart" in proc.stdout

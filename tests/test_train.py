@@ -1,0 +1,207 @@
+"""The training loop: losses, schedules, run directory contents, exact resume (also after
+SIGKILL mid-epoch), precision and data subsets."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from training_helpers import assert_same_weights, make_mnist, tiny_config, weights
+
+from capsnet import functional as F
+from capsnet.config import RunConfig
+from capsnet.models import ModelOutput
+from capsnet.train import _lr_factor, compute_loss, resume_config, train
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("data"))
+
+
+def _read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compute_loss_matches_the_papers():
+    torch.manual_seed(0)
+    scores = torch.rand(5, 10)
+    labels = torch.randint(0, 10, (5,))
+    images = torch.rand(5, 1, 4, 4)
+    recon = torch.rand(5, 1, 4, 4)
+    out = ModelOutput(scores, torch.zeros(5, 10, 16), recon)
+    expected = (
+        F.margin_loss(scores, labels) + 0.0005 * ((recon - images) ** 2).sum((1, 2, 3)).mean()
+    )
+    assert torch.allclose(compute_loss("margin", out, images, labels), expected)
+    no_recon = out._replace(reconstructions=None)
+    assert torch.allclose(
+        compute_loss("margin", no_recon, images, labels), F.margin_loss(scores, labels)
+    )
+    assert torch.allclose(
+        compute_loss("spread", out, images, labels, margin=0.4),
+        F.spread_loss(scores, labels, 0.4),
+    )
+    assert torch.allclose(
+        compute_loss("cross_entropy", out, images, labels),
+        torch.nn.functional.cross_entropy(scores, labels),
+    )
+    with pytest.raises(ValueError, match="margin"):
+        compute_loss("hinge", out, images, labels)
+
+
+def test_learning_rate_schedules():
+    cfg = RunConfig(lr_decay_rate=0.96, lr_decay_steps=2000)  # Sabour: 0.96 every 2000 steps
+    f = _lr_factor(cfg, 10_000)
+    assert f(0) == 1.0 and math.isclose(f(2000), 0.96) and math.isclose(f(1000), 0.96**0.5)
+    f = _lr_factor(RunConfig(lr_decay_steps=20_000, lr_staircase=True), 10**6)
+    assert f(19_999) == 1.0 and math.isclose(f(20_000), 0.96) and math.isclose(f(45_000), 0.96**2)
+    f = _lr_factor(RunConfig(lr_schedule="cosine"), 100)
+    assert f(0) == 1.0 and math.isclose(f(50), 0.5) and abs(f(100)) < 1e-12 and abs(f(200)) < 1e-12
+    assert _lr_factor(RunConfig(lr_schedule="constant"), 10)(7) == 1.0
+
+
+def test_run_directory_and_metrics(data_root, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_config(data_root, run, plot=True, checkpoint_every=3))
+    names = {p.name for p in run.iterdir()}
+    expected = {"config.json", "metrics.jsonl", "evaluation.json", "curves.png"}
+    expected |= {"last.safetensors", "last.state.safetensors", "last.json"}
+    expected |= {"best.safetensors", "best.json"}
+    assert expected <= names, names
+    assert not [n for n in names if n.endswith(".tmp")]
+    saved = json.loads((run / "config.json").read_text())
+    assert RunConfig.from_dict(saved) == tiny_config(data_root, run, plot=True, checkpoint_every=3)
+    rows = _read_metrics(run)
+    kinds = [r["kind"] for r in rows]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 2
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == [2, 4, 6, 8]  # 64 images / batch 16 = 4 steps per epoch, log every 2
+    epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"} <= epoch.keys()
+    final = json.loads((run / "evaluation.json").read_text())
+    assert final["num_examples"] == 40 and len(final["confusion"]) == 10
+    assert sum(map(sum, final["confusion"])) == 40
+    assert math.isclose(final["accuracy"], epoch["test_accuracy"])
+    assert result.final["accuracy"] == final["accuracy"]
+    assert len(final["mean_scores"]) == 10  # capsule lengths reported for a capsule model
+
+
+def test_resume_after_epoch_equals_uninterrupted(data_root, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(data_root, full, epochs=2))
+    part = tmp_path / "part"
+    train(tiny_config(data_root, part, epochs=1))
+    train(resume_config(part, epochs=2), resume=True)
+    assert_same_weights(weights(full), weights(part))
+    rows = _read_metrics(part)
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_resume_refuses_config_changes_and_existing_runs(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data_root, run, epochs=1))
+    with pytest.raises(ValueError, match="lr cannot change"):
+        resume_config(run, lr=1.0)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(data_root, run, epochs=1))
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        resume_config(tmp_path)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import capsnet.train as tr
+    from capsnet.cli import main
+
+    kill_after_step = int(sys.argv[1])
+    saved = []
+    real_save, real_loss = tr.save_checkpoint, tr.compute_loss
+
+    def save(run_dir, tag, *args, **kwargs):
+        real_save(run_dir, tag, *args, **kwargs)
+        saved.append((tag, kwargs["trainer_state"]["step"]))
+
+    def loss_then_die(kind, output, images, labels, **kwargs):
+        # The training step after the checkpoint of step kill_after_step: die in the
+        # middle of it (after the forward pass), losing its work.
+        if images is not None and ("last", kill_after_step) in saved:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_loss(kind, output, images, labels, **kwargs)
+
+    tr.save_checkpoint, tr.compute_loss = save, loss_then_die
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_identical_weights(data_root, tmp_path):
+    """Kill a training process with SIGKILL in the middle of epoch 2 (after the periodic
+    checkpoint of step 6), resume it, and compare with an uninterrupted run: bit-identical
+    weights on CPU (same batches, augmentation, Adam state, LR and RNG)."""
+    from training_helpers import tiny_flags
+
+    overrides = dict(checkpoint_every=2, augment=True)
+    full = tmp_path / "full"
+    train(tiny_config(data_root, full, **overrides))
+
+    run = tmp_path / "killed"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    flags = tiny_flags(data_root, run) + ["--checkpoint-every", "2", "--augment"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "6", "train", *flags],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = json.loads((run / "last.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (6, 1, 2)
+    logged = [r["step"] for r in _read_metrics(run) if r["kind"] == "train"]
+    assert logged == [2, 4, 6]
+
+    train(resume_config(run), resume=True)
+    assert_same_weights(weights(full), weights(run))
+    assert_same_weights(weights(full, "best"), weights(run, "best"))
+    train_rows = [r for r in _read_metrics(run) if r["kind"] == "train"]
+    full_rows = [r for r in _read_metrics(full) if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert [r["loss"] for r in train_rows] == [r["loss"] for r in full_rows]
+    epochs = [r for r in _read_metrics(run) if r["kind"] == "epoch"]
+    full_epochs = [r for r in _read_metrics(full) if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] == pytest.approx(full_epochs[-1]["train_loss"], rel=1e-12)
+
+
+def test_subsets_and_validation_split(data_root, tmp_path):
+    cfg = tiny_config(data_root, tmp_path / "run", epochs=1, train_samples=32, val_samples=16)
+    result = train(cfg)
+    rows = _read_metrics(result.run_dir)
+    assert rows[0]["train_images"] == 32 and rows[0]["steps_per_epoch"] == 2
+    epoch = [r for r in rows if r["kind"] == "epoch"][0]
+    assert "val_accuracy" in epoch and result.best["selected_on"] == "val"
+
+
+def test_bf16_and_limits(data_root, tmp_path):
+    cfg = tiny_config(
+        data_root, tmp_path / "run", epochs=1, precision="bf16",
+        limit_train_batches=2, limit_eval_batches=1,
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.final["num_examples"] == 32  # one evaluation batch
+    assert all(torch.isfinite(w).all() for w in weights(result.run_dir).values())
+
+
+def test_spread_loss_margin_schedule(data_root, tmp_path):
+    """Matrix capsules train with the spread loss; the margin grows 0.2, 0.3, ... per epoch."""
+    cfg = tiny_config(
+        data_root, tmp_path / "run", model="matrix_capsnet", epochs=2, limit_train_batches=1,
+        limit_eval_batches=1, log_every=1, model_kwargs={"A": 8, "B": 2, "C": 2, "D": 2},
+    )  # fmt: skip
+    train(cfg)
+    margins = [r["margin"] for r in _read_metrics(tmp_path / "run") if "margin" in r]
+    assert margins == pytest.approx([0.2, 0.3])
