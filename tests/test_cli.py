@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from training_helpers import make_mnist, tiny_flags
 
 from capsnet.cli import main
+from training_helpers import make_mnist, tiny_flags
 
 
 @pytest.fixture(scope="module")

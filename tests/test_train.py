@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 import torch
-from training_helpers import assert_same_weights, make_mnist, tiny_config, weights
 
 from capsnet import functional as F
 from capsnet.config import RunConfig
 from capsnet.models import ModelOutput
 from capsnet.train import _lr_factor, compute_loss, resume_config, train
+from training_helpers import assert_same_weights, make_mnist, tiny_config, weights
 
 
 @pytest.fixture(scope="module")

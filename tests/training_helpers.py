@@ -47,7 +47,7 @@ def make_mnist(root: Path, n_train: int = 64, n_test: int = 40) -> Path:
     """Tiny MNIST-format files in ``root/mnist``; returns ``root``."""
     folder = Path(root) / "mnist"
     folder.mkdir(parents=True, exist_ok=True)
-    for split, prefix, n, seed in (("train", "train", n_train, 0), ("test", "t10k", n_test, 1)):
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = synthetic_digits(n, seed)
         _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
