@@ -334,12 +334,179 @@ def test_matched_checkpoints():
     assert chosen == {"a": 1, "b": 0}  # b never reaches 0.15: its best epoch
 
 
-def test_viewpoint_masks():
-    info = torch.tensor([[0, e, a, 0] for e in range(9) for a in range(0, 36, 2)])
-    az = experiments.viewpoint_masks(info, "azimuth")
-    assert int(az.sum()) == 6 * 9
-    assert set(info[az][:, 2].tolist()) == {30, 32, 34, 0, 2, 4}
-    el = experiments.viewpoint_masks(info, "elevation")
-    assert int(el.sum()) == 3 * 18 and set(info[el][:, 1].tolist()) == {0, 1, 2}
-    with pytest.raises(ValueError, match="mode"):
-        experiments.viewpoint_masks(info, "lighting")
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A tiny CapsNet (with decoder) and a CNN trained for one epoch on tiny MNIST files."""
+    from capsnet.train import train
+    from training_helpers import TINY_MODEL, make_mnist, tiny_config
+
+    tmp = tmp_path_factory.mktemp("runs")
+    root = make_mnist(tmp / "data", n_train=32, n_test=24)
+    caps_kwargs = {**TINY_MODEL, "reconstruction": True}
+    caps = train(tiny_config(root, tmp / "caps", model_kwargs=caps_kwargs, epochs=1)).run_dir
+    cnn = train(tiny_config(root, tmp / "cnn", model="hinton_cnn", model_kwargs={}, epochs=1))
+    return root, caps, cnn.run_dir
+
+
+def cli(argv):
+    import argparse
+
+    from capsnet import experiment_cli
+
+    parser = argparse.ArgumentParser(prog="capsnet")
+    experiment_cli.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_cli_end_to_end(tiny_runs, capsys):
+    _, caps, cnn = tiny_runs
+    common = ["--device", "cpu", "--no-progress", "--batch-size", "12"]
+    assert (
+        cli(
+            [
+                "attack",
+                str(caps),
+                "--baseline",
+                str(cnn),
+                "--epsilons",
+                "0",
+                "0.1",
+                "--methods",
+                "fgsm",
+                "--targeted",
+                "no",
+                "--max-examples",
+                "12",
+                *common,
+            ]
+        )
+        == 0
+    )
+    rec = load(caps / "experiments" / "attack" / "attack.json")
+    assert set(rec["results"]) == {"capsnet", "hinton_cnn"}
+    assert (
+        cli(
+            [
+                "experiment",
+                "rotation",
+                str(caps),
+                "--baseline",
+                str(cnn),
+                "--values",
+                "-20",
+                "0",
+                "20",
+                "--max-examples",
+                "12",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "experiment",
+                "reconstruction",
+                str(caps),
+                "--num-examples",
+                "4",
+                "--num-perturbed",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
+    rec = load(caps / "experiments" / "reconstruction" / "reconstruction.json")
+    assert len(rec["results"]["perturbed"][0]["dimension_sensitivity"]) == 4  # class_dim
+    assert (
+        cli(
+            [
+                "experiment",
+                "routing",
+                str(caps),
+                "--num-examples",
+                "1",
+                "--max-examples",
+                "12",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "experiment",
+                "equivariance",
+                str(caps),
+                "--baseline",
+                str(cnn),
+                "--translations",
+                "2",
+                "--rotations",
+                "10",
+                "--max-examples",
+                "24",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert cli(["report", str(caps)]) == 0
+    page = (caps / "report.html").read_text()
+    for title in (
+        "Adversarial robustness",
+        "Rotation sweep",
+        "Reconstructions",
+        "Routing diagnostics",
+        "Equivariance probe",
+        "Training",
+    ):
+        assert title in page
+    # user errors are one line on stderr, exit status 1
+    assert cli(["experiment", "routing", str(cnn), *common]) == 1
+    assert "routing" in capsys.readouterr().err
+    assert cli(["attack", str(caps / "missing"), *common]) == 1
+
+
+def test_generalization_protocol_matches_and_resumes(tiny_runs, tmp_path, monkeypatch):
+    from training_helpers import TINY_MODEL, tiny_config
+
+    root, _, _ = tiny_runs
+    configs = {
+        "capsules": tiny_config(root, None, model_kwargs=dict(TINY_MODEL), epochs=2),
+        "cnn": tiny_config(root, None, model="hinton_cnn", model_kwargs={}, epochs=2),
+    }
+    kwargs = dict(
+        familiar=("mnist", "test", {"verify": False}),
+        novel=("mnist", "test", {"verify": False}),
+        experiment="protocol_demo",
+        title="Protocol demo",
+        device="cpu",
+    )
+    rec = experiments.generalization_protocol(configs, tmp_path, **kwargs)
+    res = rec["results"]
+    for label in configs:
+        curves = res["models"][label]["curves"]
+        assert len(curves["familiar_error"]) == len(curves["novel_error"]) == 2
+        # familiar and novel are the same test set here: the errors agree
+        assert curves["familiar_error"] == pytest.approx(curves["novel_error"])
+        assert res["models"][label]["familiar_error"] <= res["matched_familiar_error"] + 1e-12
+    assert rec["figures"] == ["protocol_demo_tradeoff.png", "protocol_demo.png"]
+    # a second call with more epochs continues the runs instead of starting again
+    calls = []
+    import capsnet.train as T
+
+    original = T.train
+    monkeypatch.setattr(
+        T, "train", lambda cfg, **kw: calls.append(cfg.epochs) or original(cfg, **kw)
+    )
+    rec = experiments.generalization_protocol(configs, tmp_path, epochs=3, **kwargs)
+    assert calls == [3, 3]
+    assert len(rec["results"]["models"]["cnn"]["curves"]["novel_error"]) == 3

@@ -54,17 +54,12 @@ __all__ = [
     "affine_test_set",
     "affnist_experiment",
     "matched_checkpoints",
-    "viewpoint_masks",
-    "AZIMUTH_FAMILIAR",
-    "ELEVATION_FAMILIAR",
+    "generalization_protocol",
+    "viewpoint_experiment",
+    "affnist_protocol",
 ]
 
 Progress = Callable[..., Any] | None
-
-#: smallNORB azimuth codes (x10 degrees) of the familiar views in [H18] §5.2: 300..40 deg.
-AZIMUTH_FAMILIAR = (30, 32, 34, 0, 2, 4)
-#: smallNORB elevation codes of the familiar views: the 3 lowest (30, 35, 40 degrees).
-ELEVATION_FAMILIAR = (0, 1, 2)
 
 
 # --------------------------------------------------------------------------- records
@@ -1059,25 +1054,267 @@ def matched_checkpoints(
     return level, chosen
 
 
-def viewpoint_masks(info: Tensor, mode: str) -> Tensor:
-    """Familiar-view mask of smallNORB examples for the [H18] §5.2 split.
+def _train_epochs(
+    config: Any,
+    run_dir: Path,
+    epochs: int,
+    on_epoch: Callable[[int, dict[str, Any]], None],
+    done: int,
+) -> None:
+    """Train ``config`` into ``run_dir`` one epoch at a time, calling ``on_epoch`` after each.
+
+    Resumable: epochs ``1..done`` are skipped; a checkpoint already past ``done`` (a crash
+    between training and ``on_epoch``) is resumed without training again.
+    """
+    import dataclasses
+
+    from capsnet.checkpoint import checkpoint_exists
+    from capsnet.train import resume_config, train
+
+    for epoch in range(done + 1, epochs + 1):
+        if checkpoint_exists(run_dir, "last"):
+            result = train(resume_config(run_dir, epochs=epoch), resume=True)
+        else:
+            cfg = dataclasses.replace(config, epochs=epoch, output_dir=str(run_dir))
+            result = train(cfg)
+        on_epoch(epoch, result.final)
+
+
+def generalization_protocol(
+    configs: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    familiar: tuple[str, str, Mapping[str, Any]],
+    novel: tuple[str, str, Mapping[str, Any]],
+    experiment: str,
+    title: str,
+    epochs: int | None = None,
+    target_error: float | None = None,
+    max_examples: int | None = None,
+    batch_size: int = 250,
+    notes: Sequence[str] = (),
+    device: torch.device | str = "auto",
+) -> dict[str, Any]:
+    """Train several models, compare them on novel data at matched familiar-data error.
+
+    Each model is trained (with :func:`capsnet.train.train`, one epoch at a time, into
+    ``<out_dir>/runs/<label>``) by its config, whose ``eval_split`` should be the familiar
+    test split. After every epoch the trainer's evaluation gives the familiar error and the
+    last checkpoint is evaluated on the novel test set. Then :func:`matched_checkpoints`
+    picks, per model, the first epoch at the common familiar error level, and the novel
+    errors there are compared ([H18] §5.2 protocol). Interrupted runs continue where they
+    stopped (per-epoch errors are kept in ``<run>/protocol.json``).
 
     Args:
-        info: smallNORB ``info`` columns ``(instance, elevation, azimuth, lighting)``.
-        mode: ``"azimuth"`` (familiar: azimuths 300, 320, 340, 0, 20, 40 degrees; codes 30,
-            32, 34, 0, 2, 4) or ``"elevation"`` (familiar: the 3 lowest elevations, codes
-            0-2).
-
-    Shape:
-        - info: ``(N, 4)`` int; output: ``(N,)`` bool.
+        configs: ``{label: capsnet.config.RunConfig}``.
+        out_dir: experiment folder (``<experiment>.json``, PNGs, ``runs/``).
+        familiar: ``(dataset, split, dataset kwargs)`` of the familiar test set (for the
+            record; the trainer evaluates ``config.eval_split``).
+        novel: ``(dataset, split, dataset kwargs)`` of the novel test set.
+        experiment, title: the record's id and title.
+        epochs: epochs per model (default: each config's ``epochs``).
+        target_error: the familiar error level to match (default: the best level every
+            model reaches).
+        max_examples: novel test examples evaluated per epoch (None: all).
+        batch_size: novel evaluation batch size.
+        notes: extra notes for the record (e.g. the paper's numbers).
+        device: where the novel evaluation runs (training uses each config's device).
     """
-    info = torch.as_tensor(info)
-    if info.ndim != 2 or info.shape[1] < 3:
-        raise ValueError(
-            f"info must be (N, 4) (instance, elevation, azimuth, lighting), got {tuple(info.shape)}"
+    from capsnet import data
+    from capsnet.checkpoint import load
+
+    if not configs:
+        raise ValueError("configs must hold at least one {label: RunConfig}")
+    out_dir = Path(out_dir)
+    device = resolve_device(device)
+    novel_name, novel_split, novel_kwargs = novel
+    root = next(iter(configs.values())).data_root
+    novel_set = data.create(novel_name, split=novel_split, root=root, **dict(novel_kwargs))
+    curves: dict[str, dict[str, list[float]]] = {}
+    for label, config in configs.items():
+        run_dir = out_dir / "runs" / label
+        state_file = run_dir / "protocol.json"
+        state = {"familiar_error": [], "novel_error": []}
+        if state_file.is_file():
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+
+        def on_epoch(_epoch: int, final: dict[str, Any], run_dir=run_dir, state=state) -> None:
+            model = load(run_dir, which="last", device=device)
+            novel_acc = evaluate_accuracy(
+                model, novel_set, batch_size=batch_size, max_examples=max_examples, device=device
+            )
+            state["familiar_error"].append(float(final["error"]))
+            state["novel_error"].append(1.0 - novel_acc)
+            write_json(run_dir / "protocol.json", state)
+
+        total = epochs if epochs is not None else config.epochs
+        _train_epochs(config, run_dir, total, on_epoch, done=len(state["familiar_error"]))
+        curves[label] = {k: state[k][:total] for k in ("familiar_error", "novel_error")}
+    level, chosen = matched_checkpoints(
+        {k: v["familiar_error"] for k, v in curves.items()}, target_error
+    )
+    results = {
+        "matched_familiar_error": level,
+        "models": {
+            label: {
+                "epoch": chosen[label] + 1,
+                "familiar_error": curves[label]["familiar_error"][chosen[label]],
+                "novel_error": curves[label]["novel_error"][chosen[label]],
+                "curves": curves[label],
+            }
+            for label in curves
+        },
+    }
+    figures = [
+        plots.plot_xy(
+            {k: (v["familiar_error"], v["novel_error"]) for k, v in curves.items()},
+            out_dir / f"{experiment}_tradeoff.png",
+            xlabel="familiar test error",
+            ylabel="novel test error",
+            title="Novel vs familiar error over training (one point per epoch)",
+            highlight=chosen,
+            vline=level,
+        ),
+        plots.plot_bars(
+            {
+                "familiar": {k: v["familiar_error"] for k, v in results["models"].items()},
+                "novel": {k: v["novel_error"] for k, v in results["models"].items()},
+            },
+            out_dir / f"{experiment}.png",
+            ylabel="test error",
+            title=f"At matched familiar error ({100 * level:.2f} %)",
+        ),
+    ]
+    summary = [
+        {
+            "model": label,
+            "epoch": r["epoch"],
+            "familiar error": r["familiar_error"],
+            "novel error": r["novel_error"],
+        }
+        for label, r in results["models"].items()
+    ]
+    record = make_record(
+        experiment,
+        title,
+        settings={
+            "familiar": list(familiar),
+            "novel": list(novel),
+            "epochs": epochs,
+            "target_error": target_error,
+            "max_examples": max_examples,
+            "configs": {k: c.to_dict() for k, c in configs.items()},
+        },
+        models={
+            label: {"registry_name": c.model, "run_dir": str(out_dir / "runs" / label)}
+            for label, c in configs.items()
+        },
+        results=results,
+        figures=figures,
+        summary=summary,
+        notes=[
+            "Each model is read at the first epoch whose familiar error is at or below the "
+            "matched level (the best level every model reaches, unless a target is given).",
+            *notes,
+        ],
+    )
+    return _finish(out_dir, record)
+
+
+#: [H18] §5.2 (SPEC §2, "check"): familiar-view error both models were matched at, and the
+#: novel-view errors of capsules and the CNN.
+PAPER_VIEWPOINTS = {
+    "azimuth": {"familiar": 0.037, "capsules_novel": 0.135, "cnn_novel": 0.200},
+    "elevation": {"familiar": 0.043, "capsules_novel": 0.123, "cnn_novel": 0.178},
+}
+
+
+def viewpoint_experiment(
+    configs: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    mode: str = "azimuth",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """[H18] §5.2 novel viewpoints on smallNORB for each config (capsules and the CNN).
+
+    Every config is trained on the familiar views (``dataset="smallnorb"``,
+    ``data_kwargs["viewpoint"] = mode``, evaluated on ``"test_familiar"``) and compared on
+    ``"test_novel"`` at matched familiar error (:func:`generalization_protocol`, which
+    receives ``kwargs``). ``mode``: ``"azimuth"`` (train on 300..40 degrees) or
+    ``"elevation"`` (train on the 3 lowest elevations).
+    """
+    import dataclasses
+
+    if mode not in PAPER_VIEWPOINTS:
+        raise ValueError(f"mode must be 'azimuth' or 'elevation', got {mode!r}")
+    data_kwargs = {"viewpoint": mode}
+    configs = {
+        label: dataclasses.replace(
+            c,
+            dataset="smallnorb",
+            data_kwargs={**c.data_kwargs, **data_kwargs},
+            eval_split="test_familiar",
         )
-    if mode == "azimuth":
-        return torch.isin(info[:, 2], torch.tensor(AZIMUTH_FAMILIAR))
-    if mode == "elevation":
-        return torch.isin(info[:, 1], torch.tensor(ELEVATION_FAMILIAR))
-    raise ValueError(f"mode must be 'azimuth' or 'elevation', got {mode!r}")
+        for label, c in configs.items()
+    }
+    extra = {k: v for k, v in next(iter(configs.values())).data_kwargs.items()}
+    paper = PAPER_VIEWPOINTS[mode]
+    notes = [
+        f"Paper ([H18] §5.2, {mode}): matched at {100 * paper['familiar']:.1f} % familiar "
+        f"error; novel error capsules {100 * paper['capsules_novel']:.1f} % vs CNN "
+        f"{100 * paper['cnn_novel']:.1f} %.",
+    ]
+    return generalization_protocol(
+        configs,
+        out_dir,
+        familiar=("smallnorb", "test_familiar", extra),
+        novel=("smallnorb", "test_novel", extra),
+        experiment=f"viewpoint_{mode}",
+        title=f"Novel viewpoints ({mode})",
+        notes=notes,
+        **kwargs,
+    )
+
+
+def affnist_protocol(
+    configs: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    affine: str = "auto",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """[S17] §5.2 with training: shifted 40x40 MNIST -> affine digits, at matched accuracy.
+
+    Every config is trained on ``mnist_shifted40`` (random placement on a 40x40 canvas,
+    evaluated on its centred test split) and compared on the affine test set
+    (``affnist`` when present, else ``affnist_generated``; or as named by ``affine``) at
+    matched familiar error (:func:`generalization_protocol`, which receives ``kwargs``).
+    """
+    import dataclasses
+
+    configs = {
+        label: dataclasses.replace(c, dataset="mnist_shifted40", eval_split="test")
+        for label, c in configs.items()
+    }
+    root = next(iter(configs.values())).data_root
+    affine_set = affine_test_set(affine, data_root=root)
+    notes = [
+        "Paper ([S17] §5.2): CapsNet 79 % vs CNN 66 % accuracy on affNIST at matched "
+        "99.23 % / 99.22 % on the expanded MNIST test set.",
+    ]
+    if affine_set.name != "affnist":
+        notes.append(
+            "The affine test set is self-generated in the affNIST style (affnist_generated): "
+            "not the official affNIST images, so not directly comparable with the paper."
+        )
+    return generalization_protocol(
+        configs,
+        out_dir,
+        familiar=("mnist_shifted40", "test", {}),
+        novel=(affine_set.name, "test", {}),
+        experiment="affnist_protocol",
+        title="affNIST generalisation (trained here, matched familiar error)",
+        notes=notes,
+        **kwargs,
+    )

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 __all__ = [
     "save_figure",
     "plot_lines",
+    "plot_xy",
     "plot_attack_curves",
     "plot_image_grid",
     "plot_reconstructions",
@@ -100,6 +101,45 @@ def plot_lines(
         ax.set_title(title)
     if ylim is not None:
         ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_xy(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    highlight: Mapping[str, int] | None = None,
+    vline: float | None = None,
+) -> Path:
+    """Curves with their own x values (e.g. novel vs familiar error, one point per epoch).
+
+    Args:
+        series: ``{label: (xs, ys)}``.
+        path: PNG file to write.
+        xlabel, ylabel, title: labels.
+        highlight: ``{label: index}`` of a point to circle on each curve.
+        vline: draw a dashed vertical line at this x.
+    """
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    for k, (label, (xs, ys)) in enumerate(series.items()):
+        if len(xs) != len(ys):
+            raise ValueError(f"series {label!r}: {len(xs)} x values but {len(ys)} y values")
+        color = f"C{k % 10}"
+        ax.plot(list(xs), list(ys), "-o", color=color, markersize=3.5, label=label)
+        if highlight and label in highlight:
+            i = highlight[label]
+            ax.plot([xs[i]], [ys[i]], "o", color=color, markersize=11, fillstyle="none")
+    if vline is not None:
+        ax.axvline(vline, color="0.5", linestyle="--", linewidth=1, label="matched level")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
