@@ -16,7 +16,6 @@ which is how a dataset reports the ``image_size`` the model sees.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -307,18 +306,29 @@ class RandomFlip(Transform):
 class Standardize(Transform):
     """Per-image standardisation to zero mean and unit variance over (C, H, W).
 
-    As ``tf.image.per_image_standardization``: ``(x - mean) / max(std, 1 / sqrt(C*H*W))``
-    (population std), so a constant image maps to zeros instead of NaN.
+    ``(x - mean) / max(std, eps)`` with the population std, so a constant image maps to
+    zeros instead of NaN. (``tf.image.per_image_standardization`` floors the std at
+    ``1 / sqrt(C*H*W)`` instead, a floor meant for 0..255 pixel values that would bind
+    on low-contrast images scaled to [0, 1].)
+
+    Args:
+        eps: floor of the standard deviation.
     """
+
+    def __init__(self, eps: float = 1e-5):
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = float(eps)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_batch(x)
-        n = x[0].numel() if x.shape[0] else 1
-        flat = x.flatten(1)
-        mean = flat.mean(dim=1)
-        std = flat.std(dim=1, correction=0) if n > 1 else torch.zeros_like(mean)
-        std = std.clamp_min(1.0 / math.sqrt(n))
-        return (x - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+        # The mean in float64 is exact for constant images, so they map to exact zeros
+        # (MPS has no float64; there the mean stays in x's dtype).
+        wide = torch.float32 if x.device.type == "mps" else torch.float64
+        mean = x.flatten(1).mean(dim=1, dtype=wide).to(x.dtype)
+        centred = x - mean.view(-1, 1, 1, 1)
+        std = centred.flatten(1).square().mean(dim=1).sqrt().clamp_min(self.eps)
+        return centred / std.view(-1, 1, 1, 1)
 
 
 class RandomBrightness(Transform):
