@@ -117,7 +117,7 @@ def download_cifar10(root: Path, *, url: str = CIFAR10_URL, progress: bool = Tru
                     if src is None:
                         continue
                     data = src.read()
-                    check_md5(data, CIFAR10_FILES[name], Path(member.name))
+                    check_md5(data, CIFAR10_FILES[name], Path(member.name), what="file")
                     (staged / name).write_bytes(data)
         except tarfile.TarError as exc:
             raise CorruptFileError(f"{archive}: not a valid tar.gz archive ({exc})") from exc
@@ -173,7 +173,7 @@ def cifar10(
         path = folder / name
         if verify:
             try:
-                check_md5(path.read_bytes(), CIFAR10_FILES[name], path)
+                check_md5(path.read_bytes(), CIFAR10_FILES[name], path, what="file")
             except CorruptFileError:
                 if not download:
                     raise

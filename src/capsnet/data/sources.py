@@ -171,14 +171,16 @@ def read_file_bytes(path: Path) -> bytes:
     return raw
 
 
-def check_md5(content: bytes, expected: str | None, path: Path) -> None:
+def check_md5(
+    content: bytes, expected: str | None, path: Path, *, what: str = "uncompressed content"
+) -> None:
     """Raise :class:`CorruptFileError` unless ``md5(content) == expected`` (``None`` skips)."""
     if expected is None:
         return
     got = hashlib.md5(content).hexdigest()
     if got != expected:
         raise CorruptFileError(
-            f"{path}: MD5 of the uncompressed content is {got}, expected {expected} "
+            f"{path}: MD5 of the {what} is {got}, expected {expected} "
             f"({len(content):,} bytes). The file is corrupt, truncated or not the official "
             "release; delete it (or pass download=True to replace it), or pass verify=False "
             "for your own files in this format."
@@ -262,8 +264,10 @@ def download_file(
             with atomic_path(dest) as tmp:
                 _fetch(url, tmp, progress=progress)
                 if md5 is not None:
-                    content = read_file_bytes(tmp) if md5_of == "content" else tmp.read_bytes()
-                    check_md5(content, md5, Path(url))
+                    if md5_of == "content":
+                        check_md5(read_file_bytes(tmp), md5, Path(url))
+                    else:
+                        check_md5(tmp.read_bytes(), md5, Path(url), what="downloaded file")
             return dest
         except (urllib.error.URLError, OSError, DataError, ValueError) as exc:
             errors.append(f"  {url}: {exc}")
