@@ -151,7 +151,8 @@ def test_smallnorb_bad_info_and_missing(tmp_path, norb_root):
     write_smallnorb(tmp_path / "bad", "train", dat, cat, info)
     with pytest.raises(CorruptFileError, match="azimuth outside"):
         data.create("smallnorb", "train", root=tmp_path / "bad", verify=False, size=4,
-                    crop_size=2, cache=False)  # fmt: skip
+                    crop_size=2)  # fmt: skip
+    assert not (tmp_path / "bad" / "processed").exists()  # nothing cached from a bad read
     with pytest.raises(DatasetNotFoundError, match="training-dat.mat"):
         data.create("smallnorb", "train", root=tmp_path / "nothing")
 
