@@ -38,7 +38,7 @@ class CapsNet(nn.Module):
         num_classes: class capsules (10).
         in_channels: image channels (1 for MNIST, 3 for CIFAR-10).
         input_size: ``H`` or ``(H, W)``: 28 (MNIST), 36 (MultiMNIST), 40 (affNIST), 32
-            (CIFAR-10); at least 25 so the two 9x9 convolutions fit.
+            (CIFAR-10); at least 17 so the two 9x9 convolutions fit.
         iterations: routing iterations (3).
         reconstruction: attach the reconstruction decoder (adds 1.4M parameters at 28x28).
         conv_channels: channels of Conv1 (256).
@@ -80,7 +80,8 @@ class CapsNet(nn.Module):
         grid = tuple(conv_output_size(s, 9, 2) for s in grid)
         if min(grid) < 1:
             raise ValueError(
-                f"input_size must be at least 25x25 for two 9x9 convolutions, got {self.input_size}"
+                "input_size must be at least 17x17 for the 9x9 and 9x9/2 convolutions, "
+                f"got {self.input_size}"
             )
         self.conv1 = nn.Conv2d(in_channels, conv_channels, 9, **kw)
         self.primary = PrimaryCapsules(conv_channels, primary_types, primary_dim, 9, 2, **kw)
