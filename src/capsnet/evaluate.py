@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -92,6 +93,7 @@ def evaluate(
     precision: str = "fp32",
     limit_batches: int | None = None,
     progress: bool = False,
+    labels2: Tensor | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on every batch of ``loader`` (in ``eval()`` mode, no gradients).
 
@@ -106,6 +108,11 @@ def evaluate(
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         limit_batches: stop after this many batches.
         progress: show a progress bar.
+        labels2: two-digit data (MultiMNIST, [S17] §6): the second label of every
+            dataset example ``(N,)``; the loader must yield ``(images, labels, indices)``.
+            An example is correct when its two classes are the two top scores; per-class
+            accuracy is the recall of each class among the top two; ``confusion`` and
+            ``mean_scores_by_class`` count the first digit only.
     """
     was_training = model.training
     model.eval()
@@ -118,21 +125,33 @@ def evaluate(
     if limit_batches is not None and total is not None:
         total = min(total, limit_batches)
     bar = tqdm(total=total, desc="evaluate", leave=False, disable=not progress, unit="batch")
-    for i, (images, labels) in enumerate(loader):
+    # Two-digit data: correct examples, and per class (present, recalled in the top two).
+    multi = torch.zeros(1 + 2 * k, dtype=torch.float64, device=device)
+    for i, batch in enumerate(loader):
         if limit_batches is not None and i >= limit_batches:
             break
+        images, labels = batch[0], batch[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(images)
         scores = out.scores.float()
         preds = scores.argmax(-1)
         confusion += torch.bincount(labels * k + preds, minlength=k * k).to(confusion.dtype)
         score_sums.index_add_(0, labels, scores.double())
+        targets: Tensor = labels
+        if labels2 is not None:
+            second = labels2[batch[2]].to(device)
+            present = TF.one_hot(labels, k) + TF.one_hot(second, k)
+            top2 = TF.one_hot(scores.topk(2, -1).indices, k).sum(1)
+            multi[0] += (present * top2).sum(-1).eq(2).sum()
+            multi[1 : k + 1] += present.sum(0)
+            multi[k + 1 :] += (present * top2).sum(0)
+            targets = present.clamp(max=1).float()
         if loss_fn is not None:
-            loss_sum += loss_fn(out, labels).double().sum()
+            loss_sum += loss_fn(out, targets).double().sum()
         bar.update()
     bar.close()
     model.train(was_training)
-    for t in (confusion, score_sums, loss_sum):
+    for t in (confusion, score_sums, loss_sum, multi):
         distributed.all_reduce_sum(t)
     matrix = confusion.reshape(k, k).round().long().cpu()
     per_class_n = matrix.sum(1)
@@ -152,6 +171,13 @@ def evaluate(
         confusion=matrix.tolist(),
         classes=list(classes) if classes is not None else [str(i) for i in range(k)],
     )
+    if labels2 is not None:
+        multi = multi.cpu()
+        result.accuracy = float(multi[0]) / n
+        result.error = 1 - result.accuracy
+        result.per_class_accuracy = [
+            float(multi[k + 1 + j] / multi[1 + j]) if multi[1 + j] > 0 else None for j in range(k)
+        ]
     if capsule_scores:
         sums = score_sums.cpu()
         result.mean_scores = (sums.sum(0) / n).tolist()
@@ -205,9 +231,11 @@ def evaluate_checkpoint(
         **config.get("data_kwargs", {}),
     )
     model = load(meta["path"], device=dev)
+    two_digits = "labels2" in getattr(ds, "extras", ())
     loader = data.BatchLoader(
-        ds, batch_size, shuffle=False, augment=False, drop_last=False, device=dev
-    )
+        ds, batch_size, shuffle=False, augment=False, drop_last=False, device=dev,
+        with_indices=two_digits,
+    )  # fmt: skip
     capsule = model_info(meta["model"]).loss != "cross_entropy"
     result = evaluate(
         model,
@@ -218,6 +246,7 @@ def evaluate_checkpoint(
         precision=precision,
         limit_batches=limit_batches,
         progress=progress,
+        labels2=ds.labels2 if two_digits else None,
     )
     if output is None:
         p = Path(path)

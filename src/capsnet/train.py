@@ -90,6 +90,42 @@ def compute_loss(
     raise ValueError(f"loss must be 'margin', 'spread' or 'cross_entropy', got {kind!r}")
 
 
+def two_digit_loss(
+    model: nn.Module,
+    output: models.ModelOutput,
+    labels: Tensor,
+    labels2: Tensor,
+    components: Tensor,
+    *,
+    reconstruction_weight: float = 0.0005,
+) -> Tensor:
+    """MultiMNIST objective ([S17] §6): the margin loss with both digits present, plus
+    each digit reconstructed from its own class capsule and compared with that digit alone.
+
+    Shape: labels, labels2 ``(B,)``; components ``(B, 2, C, H, W)`` in [0, 1] (the two
+    digits of each image, first with ``labels``).
+    """
+    scores = output.scores.float()
+    k = scores.shape[-1]
+    targets = (TF.one_hot(labels, k) + TF.one_hot(labels2, k)).clamp(max=1).float()
+    loss = F.margin_loss(scores, targets)
+    if output.reconstructions is not None and reconstruction_weight > 0:
+        second = model.reconstruct(output.poses, labels2)
+        recon = F.reconstruction_loss(output.reconstructions.float(), components[:, 0])
+        recon = recon + F.reconstruction_loss(second.float(), components[:, 1])
+        loss = loss + reconstruction_weight * recon
+    return loss
+
+
+def correct_predictions(scores: Tensor, labels: Tensor, labels2: Tensor | None = None) -> Tensor:
+    """Examples whose class is the top score, or (``labels2`` given) whose two classes are
+    the two top scores ([S17] §6). Shape: ``(B, K)``, ``(B,)`` -> ``(B,)`` bool."""
+    if labels2 is None:
+        return scores.argmax(-1) == labels
+    top2 = scores.topk(2, dim=-1).indices
+    return (top2 == labels[:, None]).any(-1) & (top2 == labels2[:, None]).any(-1)
+
+
 def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
     """The saved config of ``run_dir`` with ``overrides`` (only :data:`RESUME_OVERRIDES`)."""
     run_dir = Path(run_dir)
@@ -139,9 +175,9 @@ class _Meter:
     def __init__(self, device: torch.device, sums: list[float] | None = None) -> None:
         self.sums = torch.tensor(sums or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
 
-    def add(self, loss: Tensor, scores: Tensor, labels: Tensor) -> None:
-        n = labels.shape[0]
-        correct = (scores.argmax(-1) == labels).sum()
+    def add(self, loss: Tensor, correct: Tensor) -> None:
+        n = correct.shape[0]
+        correct = correct.sum()
         self.sums += torch.stack(
             [loss.detach().double() * n, correct.double(), loss.new_tensor(n).double()]
         )
@@ -216,10 +252,12 @@ class Trainer:
             distributed.barrier()
         self.train_ds, self.val_ds = self._split(train_ds)
         self.classes = list(self.eval_ds.classes)
-        loader_kw = {"device": self.device, "rank": ctx.rank, "world_size": ctx.world_size}
+        # MultiMNIST: two digits per image (labels2) and their separate images.
+        self.two_digits = "labels2" in getattr(train_ds, "extras", ())
         self.loader = data.BatchLoader(
             self.train_ds, cfg.batch_size // ctx.world_size, shuffle=True, seed=cfg.seed,
-            drop_last=True, augment=cfg.augment, **loader_kw,
+            drop_last=True, augment=cfg.augment, device=self.device, rank=ctx.rank,
+            world_size=ctx.world_size, with_indices=self.two_digits,
         )  # fmt: skip
         # Evaluation: rank r takes examples r, r + world_size, ... (no padding, so the
         # counts summed over ranks are exact).
@@ -230,6 +268,7 @@ class Trainer:
                 shuffle=False,
                 augment=False,
                 device=self.device,
+                with_indices=self.two_digits,
             )
             for name, ds in (("val", self.val_ds), (cfg.eval_split, self.eval_ds))
             if ds is not None
@@ -252,6 +291,14 @@ class Trainer:
         info = models.model_info(cfg.model)
         self.loss_kind = info.loss if cfg.loss == "auto" else cfg.loss
         self.capsule_scores = info.loss != "cross_entropy"
+        if self.two_digits and self.loss_kind != "margin":
+            raise ValueError(
+                f"{cfg.dataset!r} has two digits per image; train it with the margin loss "
+                f"(a capsule model), not {self.loss_kind!r}"
+            )
+        if self.two_digits and ctx.is_distributed and hasattr(self.model, "reconstruct"):
+            # The second digit's reconstruction runs the decoder outside DDP's forward.
+            raise ValueError("two-digit (MultiMNIST) training with a decoder is single-process")
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.model, device_ids=None)
             if ctx.is_distributed
@@ -375,15 +422,9 @@ class Trainer:
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (cfg.progress and self.ctx.is_main), unit="batch", dynamic_ncols=True,
         )  # fmt: skip
-        tic = time.perf_counter()
-        window_tic, window_steps = tic, 0
-        for i, (images, labels) in self._batches(epoch, start):
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = self.ddp(images, labels)
-            loss = compute_loss(
-                self.loss_kind, out, images, labels, margin=margin,
-                reconstruction_weight=cfg.reconstruction_weight,
-            )  # fmt: skip
+        tic = window_tic = time.perf_counter()
+        for i, batch in self._batches(epoch, start):
+            loss, correct = self._forward_loss(batch, margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -392,9 +433,8 @@ class Trainer:
             self.scheduler.step()
             st["step"] += 1
             st["batch_in_epoch"] = i + 1
-            meter.add(loss, out.scores, labels)
-            window.add(loss, out.scores, labels)
-            window_steps += 1
+            meter.add(loss, correct)
+            window.add(loss, correct)
             bar.update()
             if st["step"] % cfg.log_every == 0 or i + 1 == self.steps_per_epoch:
                 w_loss, w_acc, w_n = window.reduced()
@@ -409,7 +449,7 @@ class Trainer:
                     "images_per_s": round(speed, 1),
                     **({"margin": margin} if self.loss_kind == "spread" else {}),
                 })  # fmt: skip
-                window, window_tic, window_steps = _Meter(self.device), time.perf_counter(), 0
+                window, window_tic = _Meter(self.device), time.perf_counter()
             if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
                 if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
                     self.epoch_sums = meter.sums.tolist()
@@ -417,6 +457,27 @@ class Trainer:
         bar.close()
         loss, acc, _ = meter.reduced()
         return loss, acc, time.perf_counter() - tic
+
+    def _forward_loss(self, batch: tuple[Tensor, ...], margin: float) -> tuple[Tensor, Tensor]:
+        """Loss and per-example correctness of one batch."""
+        cfg = self.cfg
+        images, labels = batch[0], batch[1]
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = self.ddp(images, labels)
+            if not self.two_digits:
+                loss = compute_loss(
+                    self.loss_kind, out, images, labels, margin=margin,
+                    reconstruction_weight=cfg.reconstruction_weight,
+                )  # fmt: skip
+                return loss, correct_predictions(out.scores, labels)
+            idx = batch[2]
+            labels2 = self.train_ds.labels2[idx].to(self.device)
+            parts = self.train_ds.components(idx).to(self.device, torch.float32) / 255
+            loss = two_digit_loss(
+                self.model, out, labels, labels2, parts,
+                reconstruction_weight=cfg.reconstruction_weight,
+            )  # fmt: skip
+        return loss, correct_predictions(out.scores, labels, labels2)
 
     def _batches(self, epoch: int, start: int):
         """``(index, batch)`` of ``epoch`` from batch ``start`` (mid-epoch resume).
@@ -436,9 +497,9 @@ class Trainer:
         """Evaluate on val (if any) and the eval split; update best; fill ``record``."""
         cfg = self.cfg
 
-        def loss_fn(out, labels):
+        def loss_fn(out, targets):  # the classification part of the objective
             return compute_loss(self.loss_kind, out._replace(reconstructions=None), None,
-                                labels, margin=cfg.margin_stop, reduction="none")  # fmt: skip
+                                targets, margin=cfg.margin_stop, reduction="none")  # fmt: skip
 
         results: dict[str, EvalResult] = {}
         for name, loader in self.eval_loaders.items():
@@ -446,6 +507,7 @@ class Trainer:
                 self.model, loader, num_classes=len(self.classes), classes=self.classes,
                 capsule_scores=self.capsule_scores, loss_fn=loss_fn, precision=cfg.precision,
                 limit_batches=cfg.limit_eval_batches, progress=cfg.progress and self.ctx.is_main,
+                labels2=loader.dataset.labels2 if self.two_digits else None,
             )  # fmt: skip
             record[f"{name}_loss"] = results[name].loss
             record[f"{name}_accuracy"] = results[name].accuracy
