@@ -140,6 +140,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(data_root, tmp_path):
     """Kill a training process with SIGKILL in the middle of epoch 2 (after the periodic
     checkpoint of step 6), resume it, and compare with an uninterrupted run: bit-identical
