@@ -287,3 +287,13 @@ def test_evaluate_counts_single_and_two_digit():
     assert two.accuracy == 0.5
     # class 1 present in examples 0, 1, 3 and recalled in 0, 3; class 0 in 0, 2, 3 -> 0, 2.
     assert two.per_class_accuracy[:2] == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_run_that_died_before_its_first_checkpoint_starts_over(data_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 99}\n')
+    train(tiny_config(data_root, run, epochs=1))
+    assert [r["kind"] for r in _read_metrics(run)][0] == "start"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1

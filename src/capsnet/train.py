@@ -38,6 +38,7 @@ from capsnet.checkpoint import atomic_write, checkpoint_exists, load_checkpoint,
 from capsnet.config import RunConfig, config_from_dict
 from capsnet.distributed import DistContext
 from capsnet.evaluate import EvalResult, evaluate
+from capsnet.runlog import RunLog, epoch_summary, final_report
 
 __all__ = ["train", "resume_config", "TrainResult", "compute_loss", "RESUME_OVERRIDES"]
 
@@ -188,46 +189,6 @@ class _Meter:
         return loss / max(n, 1), correct / max(n, 1), int(n)
 
 
-class _RunLog:
-    """metrics.jsonl (+ TensorBoard when installed); a no-op on ranks other than 0."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def truncate(self, step: int) -> None:
-        """Drop records after ``step`` (written by a run killed after its last checkpoint)."""
-        if self.enabled and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            keep = [r for r in rows if r.get("step", 0) <= step and r.get("kind") != "end"]
-            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        if self.writer is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, float | int) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 class Trainer:
     """Builds data, model, optimiser and schedule from a config and runs the epochs."""
 
@@ -313,7 +274,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, total))
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
         self.epoch_sums: list[float] | None = None
-        self.log = _RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
+        self.log = RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
         if resume:
             self._resume()
         elif ctx.is_main:
@@ -331,13 +292,15 @@ class Trainer:
         if resume:
             if not checkpoint_exists(run_dir, "last"):
                 raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
-        elif checkpoint_exists(run_dir, "last") or (run_dir / "config.json").exists():
+        elif checkpoint_exists(run_dir, "last"):
             raise FileExistsError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
                 f"choose another --output-dir"
             )
         if self.ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a run that died before its first checkpoint starts over
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         distributed.barrier()
         return run_dir
 
@@ -398,14 +361,15 @@ class Trainer:
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 final = self._evaluate_all(record)
             self.log.write(record)
-            self._print(self._summary(record))
+            self._print(epoch_summary(record, cfg.epochs, cfg.eval_split))
             self._save("last", record)
         if final is None:  # resumed after the last epoch had finished
             final = self._evaluate_all({})
         if self.ctx.is_main:
             atomic_write(self.run_dir / "evaluation.json", json.dumps(final, indent=1))
             self.log.write({"kind": "end", "step": st["step"], "best": st["best"]})
-            self._finish(final)
+            plot = self.log.plot(cfg.eval_split) if cfg.plot else None
+            self._print(final_report(self.run_dir, final, st["best"], cfg.eval_split, plot))
         self.log.close()
         distributed.barrier()
         return TrainResult(self.run_dir, final, st["best"])
@@ -537,66 +501,7 @@ class Trainer:
             scheduler=self.scheduler if tag == "last" else None,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------ output
-
     def _print(self, text: str) -> None:
         if self.ctx.is_main:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
-
-    def _summary(self, r: dict[str, Any]) -> str:
-        split = self.cfg.eval_split
-        text = (
-            f"epoch {r['epoch']}/{self.cfg.epochs}  train loss {r['train_loss']:.4f} "
-            f"acc {100 * r['train_accuracy']:.2f}%"
-        )
-        if "val_accuracy" in r:
-            text += f"  val error {100 * r['val_error']:.2f}%"
-        if f"{split}_accuracy" in r:
-            text += (
-                f"  {split} loss {r[f'{split}_loss']:.4f} error {100 * r[f'{split}_error']:.2f}%"
-            )
-        text += f"  lr {r['lr']:.2e}  {r['images_per_s']:.0f} img/s  {r['time_s']:.0f} s"
-        return text + ("  *best*" if r.get("best") else "")
-
-    def _finish(self, final: dict[str, Any]) -> None:
-        plot = None
-        if self.cfg.plot:
-            plot = self._plot()
-        best = self.state["best"]
-        lines = [
-            f"\n{self.cfg.eval_split} error {100 * final['error']:.2f}% "
-            f"({final['num_examples']} images, final model)"
-        ]
-        if best is not None:
-            lines.append(
-                f"best checkpoint: epoch {best['epoch']} ({best['selected_on']} accuracy "
-                f"{100 * best['accuracy']:.2f}%)"
-            )
-        lines.append(f"run saved in {self.run_dir}/")
-        for name in ("best.safetensors", "last.safetensors", "metrics.jsonl", "evaluation.json"):
-            if (self.run_dir / name).exists():
-                lines.append(f"  {self.run_dir / name}")
-        if plot is not None:
-            lines.append(f"  {plot}   (loss and accuracy curves)")
-        lines.append(f"evaluate again: capsnet evaluate {self.run_dir}")
-        lines.append(f"in Python:      model = capsnet.load({str(self.run_dir)!r})")
-        self._print("\n".join(lines))
-
-    def _plot(self) -> Path | None:
-        try:
-            from capsnet.plots import plot_training_curves
-        except ImportError:
-            return None
-        split = self.cfg.eval_split
-        rows = []
-        for r in self.log.rows():
-            if r.get("kind") == "train":
-                rows.append({"epoch": r["epoch"], "train_loss": r["loss"],
-                             "train_accuracy": r["accuracy"]})  # fmt: skip
-            elif r.get("kind") == "epoch":
-                keys = [f"{split}_loss", f"{split}_accuracy", "val_loss", "val_accuracy"]
-                rows.append({"epoch": r["epoch"], **{k: r[k] for k in keys if k in r}})
-        if not rows:
-            return None
-        return plot_training_curves(rows, self.run_dir / "curves.png", x_key="epoch")
