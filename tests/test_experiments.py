@@ -198,7 +198,7 @@ def test_eval_batches_and_accuracy():
 
 
 def test_attack_experiment_writes_json_and_plot(tmp_path):
-    data = FakeDataset(8)
+    data = FakeDataset(4)
     models = {"capsules": tiny_capsnet(reconstruction=False), "cnn": TinyCNN()}
     rec = experiments.attack_experiment(
         models,
@@ -289,8 +289,9 @@ def test_perturbation_grid_changes_one_dimension(tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["dynamic", "em"])
 def test_routing_experiment(tmp_path, which):
     model = tiny_capsnet() if which == "dynamic" else tiny_matrix()
+    n = 2 if which == "dynamic" else 1  # figures are slow to draw: one is enough here
     rec = experiments.routing_experiment(
-        model, FakeDataset(8), tmp_path, num_examples=2, max_examples=8, batch_size=4
+        model, FakeDataset(8), tmp_path, num_examples=n, max_examples=8, batch_size=4
     )
     res = rec["results"]
     assert len(res["per_iteration"]) == 3
@@ -301,9 +302,9 @@ def test_routing_experiment(tmp_path, which):
     assert set(res["dead_fraction"]) == set(
         probes.capsule_activations(model, torch.rand(1, 1, 28, 28))
     )
-    assert len(res["examples"]) == 2
+    assert len(res["examples"]) == n
     expected = {"agreement_by_iteration.png", "dead_capsules.png"}
-    expected |= {f"{kind}_{k}.png" for kind in ("couplings", "vote_distances") for k in (0, 1)}
+    expected |= {f"{kind}_{k}.png" for kind in ("couplings", "vote_distances") for k in range(n)}
     assert set(rec["figures"]) == expected
     for f in expected:
         assert (tmp_path / f).stat().st_size > 1000

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -39,14 +40,18 @@ __all__ = [
 _DPI = 110
 
 
-def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically and close it."""
+def save_figure(fig: Figure, path: str | os.PathLike, *, tight: bool = True) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and close it.
+
+    ``tight=False`` skips the bounding-box pass (one draw instead of two) for figures that
+    lay themselves out.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight")
+            fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight" if tight else None)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -340,6 +345,9 @@ def plot_routing_histograms(
             counts, _ = np.histogram(d[t][:, j], bins=edges, weights=w[t][:, j])
             ax.stairs(counts, edges, fill=True, color="C0")
             ax.tick_params(labelsize=5, left=False, labelleft=False)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(2))
+            if t < iterations - 1:
+                ax.tick_params(bottom=False)
             if t == 0:
                 ax.set_title(class_names[j] if class_names else str(j), fontsize=7)
             if j == 0:
@@ -347,7 +355,9 @@ def plot_routing_histograms(
     fig.supxlabel("distance of vote to parent mean (weighted by assignment)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.8 if title else 0.86, bottom=0.17,
+                        wspace=0.08, hspace=0.12)  # fmt: skip
+    return save_figure(fig, path, tight=False)
 
 
 def plot_couplings(
