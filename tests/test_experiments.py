@@ -511,3 +511,25 @@ def test_generalization_protocol_matches_and_resumes(tiny_runs, tmp_path, monkey
     rec = experiments.generalization_protocol(configs, tmp_path, epochs=3, **kwargs)
     assert calls == [3, 3]
     assert len(rec["results"]["models"]["cnn"]["curves"]["novel_error"]) == 3
+
+
+def test_protocol_cli_builds_configs_from_recipes():
+    import argparse
+
+    from capsnet import experiment_cli
+
+    parser = argparse.ArgumentParser(prog="capsnet")
+    experiment_cli.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["experiment", "viewpoint", "--mode", "elevation", "--epochs", "3", "--set",
+         "batch_size=32", "--model-kwarg", "preset=\"small\"", "--device", "cpu"]
+    )  # fmt: skip
+    configs = experiment_cli._protocol_configs(args, mode=args.mode)
+    caps, cnn = configs["capsules"], configs["cnn"]
+    assert (caps.model, cnn.model) == ("matrix_capsnet", "hinton_cnn")
+    assert caps.data_kwargs["viewpoint"] == cnn.data_kwargs["viewpoint"] == "elevation"
+    assert caps.epochs == cnn.epochs == 3 and caps.batch_size == cnn.batch_size == 32
+    assert caps.model_kwargs["preset"] == "small" and cnn.device == "cpu"
+    args = parser.parse_args(["experiment", "affnist-protocol"])
+    configs = experiment_cli._protocol_configs(args)
+    assert configs["capsules"].dataset == configs["cnn"].dataset == "mnist_shifted40"

@@ -119,6 +119,55 @@ def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _kv(text: str) -> tuple[str, Any]:
+    from capsnet.config import parse_value
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(value.strip())
+
+
+def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> None:
+    p.add_argument("--recipe", default=recipe, help=f"capsule model recipe (default {recipe})")
+    p.add_argument("--baseline-recipe", default=baseline, help=f"CNN recipe (default {baseline})")
+    p.add_argument("--epochs", type=int, help="epochs per model (default: the recipes')")
+    p.add_argument(
+        "--target-error",
+        type=float,
+        help="familiar error to match (default: the best level both models reach)",
+    )
+    p.add_argument(
+        "--set",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config value for both models (TOML value); repeatable",
+    )
+    p.add_argument(
+        "--model-kwarg",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="capsule model constructor argument; repeatable",
+    )
+    p.add_argument(
+        "--baseline-model-kwarg",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CNN constructor argument; repeatable",
+    )
+    p.add_argument("--data-root", help="data folder")
+    p.add_argument("--max-examples", type=int, default=0, help="novel test examples (0: all)")
+    p.add_argument("--out", help="output folder (default: runs/experiments/<experiment>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=250, help="novel evaluation batch size")
+
+
 def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``attack``, ``experiment`` and ``report`` to a ``capsnet`` subparsers object.
 
@@ -205,6 +254,30 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     )
     q.add_argument("--max-examples", type=int, default=0, help="test examples (0: all)")
     q.set_defaults(handler=_affnist)
+    q = sub.add_parser(
+        "viewpoint",
+        help="train capsules and a CNN on familiar smallNORB views, compare on novel views",
+        description="Hinton et al. 2018 section 5.2: both models are trained on the familiar "
+        "azimuths (or elevations) one epoch at a time and compared on the novel views at "
+        "matched familiar-view error. Resumable: run the same command again.",
+    )
+    q.add_argument("--mode", choices=("azimuth", "elevation"), default="azimuth")
+    _protocol_flags(q, "matrix_capsnet_smallnorb_{mode}", "hinton_cnn_smallnorb_{mode}")
+    q.set_defaults(handler=_viewpoint)
+    q = sub.add_parser(
+        "affnist-protocol",
+        help="train capsules and a CNN on shifted 40x40 MNIST, compare on affine digits",
+        description="Sabour et al. 2017 section 5.2 with training: both models are trained "
+        "on mnist_shifted40 one epoch at a time and compared on affNIST (or the generated "
+        "affNIST-style set) at matched shifted-MNIST test error. Resumable.",
+    )
+    q.add_argument(
+        "--affine-dataset",
+        default="auto",
+        help="affnist, affnist_generated, or auto (affnist when present)",
+    )
+    _protocol_flags(q, "capsnet_affnist", "sabour_cnn_affnist")
+    q.set_defaults(handler=_affnist_protocol)
     q = sub.add_parser("all", help="every experiment that applies to the model")
     _common(q, baseline=True)
     q.add_argument("--max-examples", type=int, default=1000)
@@ -403,6 +476,66 @@ def _affnist(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         model_names={r.label: r.name for r in runs},
         device=device,
+    )
+    return _done(record, out)
+
+
+def _protocol_configs(args: argparse.Namespace, **names: str) -> dict[str, Any]:
+    """``{label: RunConfig}`` from the two recipes and the override flags."""
+    from capsnet.config import load_recipe
+
+    common = dict(args.set)
+    if args.epochs is not None:
+        common["epochs"] = args.epochs
+    if args.data_root:
+        common["data_root"] = args.data_root
+    if args.device != "auto":
+        common["device"] = args.device
+    configs = {}
+    for label, (recipe, kwargs) in {
+        "capsules": (args.recipe, dict(args.model_kwarg)),
+        "cnn": (args.baseline_recipe, dict(args.baseline_model_kwarg)),
+    }.items():
+        recipe = recipe.format(**names)
+        extra = {"model_kwargs": kwargs} if kwargs else {}
+        configs[label] = load_recipe(recipe, **common, **extra)
+    return configs
+
+
+@_guard
+def _viewpoint(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    configs = _protocol_configs(args, mode=args.mode)
+    out = Path(args.out or Path("runs") / "experiments" / f"viewpoint_{args.mode}")
+    record = experiments.viewpoint_experiment(
+        configs,
+        out,
+        mode=args.mode,
+        epochs=args.epochs,
+        target_error=args.target_error,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    return _done(record, out)
+
+
+@_guard
+def _affnist_protocol(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    configs = _protocol_configs(args)
+    out = Path(args.out or Path("runs") / "experiments" / "affnist_protocol")
+    record = experiments.affnist_protocol(
+        configs,
+        out,
+        affine=args.affine_dataset,
+        epochs=args.epochs,
+        target_error=args.target_error,
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        device=args.device,
     )
     return _done(record, out)
 
