@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "squash",
@@ -167,6 +169,16 @@ def dynamic_routing(
     _check_ndim("u_hat", u_hat, 3, "(..., in_caps, out_caps, dim)")
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    return _dynamic_routing_fast(u_hat, iterations, bool(detach_inner))
+
+
+def _dynamic_routing_plain(
+    u_hat: Tensor, iterations: int, detach_inner: bool = False
+) -> tuple[Tensor, Tensor]:
+    """[S17] Procedure 1 written as plain autograd tensor code (the reference for the fast path).
+
+    Same arguments and results as :func:`dynamic_routing` (no input checks).
+    """
     u_agree = u_hat.detach() if detach_inner else u_hat
     logits = u_hat.new_zeros(u_hat.shape[:-1])  # b_ij: (..., I, O)
     for t in range(iterations):
@@ -345,6 +357,26 @@ def em_routing(
     """
     beta_u, beta_a = _check_em_inputs(votes, activations, beta_u, beta_a, "..., ")
     lambdas = _resolve_temperatures(iterations, inverse_temperatures)
+    return _em_routing_fast(
+        votes, activations, beta_u, beta_a, lambdas, normalize_cost, var_floor, eps, None
+    )
+
+
+def _em_routing_plain(
+    votes: Tensor,
+    activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    lambdas: Sequence[float],
+    normalize_cost: bool = False,
+    var_floor: float = 1e-6,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """[H18] Procedure 1 as plain autograd tensor code (the reference for the fast path).
+
+    Same arguments and results as :func:`em_routing`, with the inverse temperatures
+    resolved to a list and no input checks.
+    """
     out_dtype = votes.dtype
     compute = _compute_dtype(votes)
     votes_c, act = votes.to(compute), activations.to(compute).unsqueeze(-1)  # act: (..., I, 1)
@@ -433,9 +465,7 @@ def conv_em_routing(
     """
     beta_u, beta_a = _check_em_inputs(votes, activations, beta_u, beta_a, "N, P, ")
     if votes.ndim != 5:
-        raise ValueError(
-            f"votes must have shape (N, P, K*K*B, O, D), got {tuple(votes.shape)}"
-        )
+        raise ValueError(f"votes must have shape (N, P, K*K*B, O, D), got {tuple(votes.shape)}")
     lambdas = _resolve_temperatures(iterations, inverse_temperatures)
     n, positions, children, out_caps, _ = votes.shape
     kk = kernel_size * kernel_size
@@ -450,23 +480,73 @@ def conv_em_routing(
             f"in_size={tuple(in_size)}, kernel_size={kernel_size}, stride={stride} give "
             f"{index.shape[0]} parent positions, but votes.shape[1] = {positions}"
         )
-    # Flat child id (input position, input type) of every (parent position, k, b) slot.
-    child_id = (index[:, :, None] * in_types + torch.arange(in_types, device=votes.device))
-    child_id = child_id.reshape(1, positions * children).expand(n, -1)  # (N, P*KK*B)
-    num_children = in_size[0] * in_size[1] * in_types
+    geometry = _ConvGeometry.create(index, in_types, in_size, n)
+    return _em_routing_fast(
+        votes, activations, beta_u, beta_a, lambdas, normalize_cost, var_floor, eps, geometry
+    )
 
-    def child_sum(x: Tensor) -> Tensor:
-        """Sum over all slots of the same child, broadcast back to the slots: (N, P, KKB)."""
-        flat = x.reshape(n, positions * children)
-        total = flat.new_zeros(n, num_children).scatter_add_(1, child_id, flat)
-        return total.gather(1, child_id).reshape(n, positions, children)
 
+class _ConvGeometry(NamedTuple):
+    """Which child capsule fills each (parent position, slot) of a capsule convolution.
+
+    ``child_id (N, P*S)`` holds the flat id ``input position * B + input type`` of the child
+    in slot ``s = (kh, kw, b)`` of parent position ``p``; ``S = K*K*B``.
+    """
+
+    child_id: Tensor
+    num_children: int
+    batch: int
+    positions: int
+    slots: int
+
+    @staticmethod
+    def create(index: Tensor, in_types: int, in_size: tuple[int, int], batch: int) -> _ConvGeometry:
+        positions, kk = index.shape
+        child_id = index[:, :, None] * in_types + torch.arange(in_types, device=index.device)
+        child_id = child_id.reshape(1, positions * kk * in_types).expand(batch, -1)
+        num_children = in_size[0] * in_size[1] * in_types
+        return _ConvGeometry(child_id, num_children, batch, positions, kk * in_types)
+
+    def child_sum(self, x: Tensor) -> Tensor:
+        """Sum over all slots of the same child, broadcast back to the slots: (N, P, S)."""
+        flat = x.reshape(self.batch, self.positions * self.slots)
+        total = flat.new_zeros(self.batch, self.num_children).scatter_add_(1, self.child_id, flat)
+        return total.gather(1, self.child_id).reshape(self.batch, self.positions, self.slots)
+
+    def child_max(self, x: Tensor) -> Tensor:
+        """Max over all slots of the same child, broadcast back to the slots: (N, P, S)."""
+        flat = x.reshape(self.batch, self.positions * self.slots)
+        best = flat.new_full((self.batch, self.num_children), -torch.inf)
+        best = best.scatter_reduce_(1, self.child_id, flat, reduce="amax")
+        return best.gather(1, self.child_id).reshape(self.batch, self.positions, self.slots)
+
+    def fan_out(self, out_caps: int, dtype: torch.dtype) -> Tensor:
+        """Number of parents (positions x types) each slot's child feeds: (N, P, S)."""
+        ones = torch.ones(
+            self.batch, self.positions, self.slots, dtype=dtype, device=self.child_id.device
+        )
+        return self.child_sum(ones) * out_caps
+
+
+def _conv_em_routing_plain(
+    votes: Tensor,
+    activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    geometry: _ConvGeometry,
+    lambdas: Sequence[float],
+    normalize_cost: bool = False,
+    var_floor: float = 1e-6,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`conv_em_routing` as plain autograd tensor code (the reference for the fast path)."""
+    out_caps = votes.shape[-2]
     out_dtype = votes.dtype
     compute = _compute_dtype(votes)
     votes_c, act = votes.to(compute), activations.to(compute).unsqueeze(-1)
     beta_u, beta_a = beta_u.to(compute), beta_a.to(compute)
 
-    fan_out = child_sum(votes_c.new_ones(n, positions, children)) * out_caps  # parents fed
+    fan_out = geometry.fan_out(out_caps, compute)  # parents fed by each slot's child
     assignments = (1.0 / fan_out).unsqueeze(-1).expand(-1, -1, -1, out_caps)
     for t, lam in enumerate(lambdas):
         mu, var, logit = _m_step(
@@ -476,14 +556,404 @@ def conv_em_routing(
             log_r = _log_assignment_logits(votes_c, mu, var, logit)  # (N, P, KKB, O)
             # A softmax over every parent the child feeds: subtract the child's max
             # (a constant, so detached) for stability, then normalise by the child's sum.
-            slot_max = log_r.detach().amax(dim=-1).reshape(n, positions * children)
-            child_max = slot_max.new_full((n, num_children), -torch.inf).scatter_reduce_(
-                1, child_id, slot_max, reduce="amax"
-            )
-            shift = child_max.gather(1, child_id).reshape(n, positions, children, 1)
+            shift = geometry.child_max(log_r.detach().amax(dim=-1)).unsqueeze(-1)
             unnorm = torch.exp(log_r - shift)
-            assignments = unnorm / child_sum(unnorm.sum(-1)).unsqueeze(-1)
+            assignments = unnorm / geometry.child_sum(unnorm.sum(-1)).unsqueeze(-1)
     return mu.to(out_dtype), torch.sigmoid(logit).to(out_dtype), assignments.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- fast routing
+#
+# The public routing functions above check their inputs and dispatch here. These kernels
+# compute the same equations as the plain versions (``_dynamic_routing_plain``,
+# ``_em_routing_plain``, ``_conv_em_routing_plain``, which the tests use as the reference)
+# with three changes that only affect speed and memory:
+#
+# * Parent-major layout. Votes are routed as ``(G, O, I, D)`` (G = all batch dims): every
+#   sum over children ``i`` and every sum over pose entries ``d`` is then one batched
+#   matrix-vector product (``bmm``) on contiguous memory, with no transposed copies. The
+#   public layout ``(..., I, O, D)`` is converted once on entry; the conversion is free when
+#   the caller already stores votes parent-major (a transposed view of ``(..., O, I, D)``).
+# * Buffers. Large temporaries are written into a few vote-sized work buffers that are
+#   reused across iterations (on CPU a freshly allocated large tensor costs page faults).
+# * Hand-written backward passes (``torch.autograd.Function``). Autograd would store
+#   several vote-sized intermediates per routing iteration; these store the votes once,
+#   plus the couplings / assignments of each iteration (1/D of the votes' size) and a few
+#   per-parent statistics, and recompute ``V - mu`` when needed. The derivations follow the
+#   forward equations line by line (comments name the forward quantity being differentiated).
+
+
+def _parent_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(..., I, O, D)`` -> contiguous ``(G, O, I, D)`` in ``dtype`` (one copy at most)."""
+    xt = x.transpose(-3, -2)
+    if xt.dtype != dtype or not xt.is_contiguous():
+        xt = xt.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    return xt.reshape(-1, *xt.shape[-3:])
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """Routing runs in its compute dtype (float32 for half inputs) even under autocast."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
+    """Gradient of :func:`squash` (last dim) at ``s``, by autograd on the small tensor."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
+    return grad_s
+
+
+def _dynamic_routing_forward(
+    u: Tensor, iterations: int
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """[S17] Procedure 1 on parent-major predictions ``u (G, O, I, D)``, no autograd.
+
+    Returns ``v (G, O, D)``, ``c (G, O, I)`` and the per-iteration couplings, sums ``s``
+    and outputs ``v`` (what the backward pass needs).
+    """
+    g, o, i, d = u.shape
+    uf = u.view(g * o, i, d)
+    logits = u.new_zeros(g, o, i)  # b_ij
+    cs, ss, vs = [], [], []
+    for t in range(iterations):
+        c = torch.softmax(logits, dim=1)  # c_i = softmax_j(b_i), over parents (dim 1)
+        s = torch.bmm(c.view(g * o, 1, i), uf).view(g, o, d)  # s_j = sum_i c_ij u_j|i
+        v = squash(s)
+        cs.append(c)
+        ss.append(s)
+        vs.append(v)
+        if t < iterations - 1:
+            logits += torch.bmm(uf, v.view(g * o, d, 1)).view(g, o, i)  # b_ij += u_j|i . v_j
+    return v, c, cs, ss, vs
+
+
+class _DynamicRouting(torch.autograd.Function):
+    """Dynamic routing with a hand-written backward pass (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, iterations: int, detach_inner: bool):  # noqa: D102
+        with _no_autocast(u):
+            v, c, cs, ss, vs = _dynamic_routing_forward(u, iterations)
+        ctx.iterations, ctx.detach_inner = iterations, detach_inner
+        ctx.save_for_backward(u, *cs, *ss, *vs[:-1])
+        ctx.set_materialize_grads(False)
+        return v, c
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v: Tensor | None, grad_c: Tensor | None):  # noqa: D102
+        with _no_autocast(ctx.saved_tensors[0]):
+            return _DynamicRouting._backward(ctx, grad_v, grad_c)
+
+    @staticmethod
+    def _backward(ctx, grad_v: Tensor | None, grad_c: Tensor | None):
+        grad_v = None if grad_v is None else grad_v.contiguous()
+        grad_c = None if grad_c is None else grad_c.contiguous()
+        r = ctx.iterations
+        saved = ctx.saved_tensors
+        u, cs, ss, vs = saved[0], saved[1 : r + 1], saved[r + 1 : 2 * r + 1], saved[2 * r + 1 :]
+        g, o, i, d = u.shape
+        uf = u.view(g * o, i, d)
+        if grad_v is None:
+            grad_v = u.new_zeros(g, o, d)
+        if ctx.detach_inner:
+            # Only the last weighted sum s = sum_i c_ij u_j|i sees u; c is a constant.
+            grad_s = _squash_backward(ss[-1], grad_v)
+            grad_u = torch.bmm(cs[-1].view(g * o, i, 1), grad_s.view(g * o, 1, d))
+            return grad_u.view(g, o, i, d), None, None
+        # d/du of sum_t [c^t . s^t-terms] + sum_t [a^t-terms]: collect the rank-one factors
+        # (c^t (x) grad s^t and grad a^t (x) v^t) and form grad_u once at the end.
+        left, right = [], []
+        grad_b = None  # gradient w.r.t. the logits b^{t+1}
+        for t in reversed(range(r)):
+            if t == r - 1:
+                grad_vt = grad_v
+            else:
+                # b^{t+1} = b^t + a^t with a^t_ji = u_j|i . v^t_j
+                left.append(grad_b)
+                right.append(vs[t])
+                grad_vt = torch.bmm(grad_b.view(g * o, 1, i), uf).view(g, o, d)
+            grad_s = _squash_backward(ss[t], grad_vt)  # v^t = squash(s^t)
+            left.append(cs[t])  # s^t_j = sum_i c^t_ij u_j|i
+            right.append(grad_s)
+            if t == 0:
+                break  # b^1 = 0 is a constant
+            grad_ct = torch.bmm(uf, grad_s.view(g * o, d, 1)).view(g, o, i)
+            if t == r - 1 and grad_c is not None:
+                grad_ct = grad_ct + grad_c
+            c = cs[t]  # c^t = softmax over parents of b^t
+            grad_soft = c * (grad_ct - (grad_ct * c).sum(dim=1, keepdim=True))
+            grad_b = grad_soft if grad_b is None else grad_b + grad_soft
+        a = torch.stack(left, dim=-1).view(g * o, i, len(left))
+        b = torch.stack(right, dim=-2).view(g * o, len(right), d)
+        return torch.bmm(a, b).view(g, o, i, d), None, None
+
+
+def _dynamic_routing_fast(
+    u_hat: Tensor, iterations: int, detach_inner: bool
+) -> tuple[Tensor, Tensor]:
+    batch_shape, (in_caps, out_caps, dim) = u_hat.shape[:-3], u_hat.shape[-3:]
+    u = _parent_major(u_hat, _compute_dtype(u_hat))  # (G, O, I, D)
+    if _needs_grad(u):
+        v, c = _DynamicRouting.apply(u, iterations, detach_inner)
+    else:
+        with _no_autocast(u):
+            v, c = _dynamic_routing_forward(u, iterations)[:2]
+    v = v.reshape(*batch_shape, out_caps, dim).to(u_hat.dtype)
+    c = c.transpose(1, 2).reshape(*batch_shape, in_caps, out_caps).to(u_hat.dtype)
+    return v, c
+
+
+class _EMConfig(NamedTuple):
+    lambdas: tuple[float, ...]
+    normalize_cost: bool
+    var_floor: float
+    eps: float
+    geometry: _ConvGeometry | None
+
+
+def _em_cost(s: Tensor, log_var: Tensor, beta_u: Tensor, normalize: bool, eps: float) -> Tensor:
+    """``sum_h (beta_u + log sigma^h) sum_i R'_ij`` (optionally standardised): ``(G, O)``."""
+    dim = log_var.shape[-1]
+    cost = s * (beta_u * dim + 0.5 * log_var.sum(-1))
+    if normalize:
+        mean = cost.mean(dim=-1, keepdim=True)
+        std = (cost - mean).pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
+        cost = (cost - mean) / std
+    return cost
+
+
+def _e_step_normalize(log_r: Tensor, geometry: _ConvGeometry | None) -> Tensor:
+    """Assignments from E-step logits ``(G, O, I)``, in place: a softmax over parents.
+
+    For a capsule convolution, over every parent (all positions and types) of the child.
+    """
+    if geometry is None:
+        return torch.softmax(log_r, dim=1)
+    n, p, s = geometry.batch, geometry.positions, geometry.slots
+    shift = geometry.child_max(log_r.amax(dim=1).view(n, p, s)).view(n * p, 1, s)
+    unnorm = log_r.sub_(shift).exp_()
+    return unnorm.div_(geometry.child_sum(unnorm.sum(dim=1).view(n, p, s)).view(n * p, 1, s))
+
+
+def _em_forward(
+    votes: Tensor, act: Tensor, beta_u: Tensor, beta_a: Tensor, config: _EMConfig
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """[H18] Procedure 1 on parent-major votes ``(G, O, I, D)``, no autograd.
+
+    ``act (G, I)``, ``beta_u``, ``beta_a`` ``(G, O)``. Returns ``mu (G, O, D)``, the
+    activation logits ``(G, O)``, the assignments of the last M-step ``(G, O, I)`` and the
+    per-iteration tensors the backward pass needs.
+    """
+    g, o, i, d = votes.shape
+    vf = votes.view(g * o, i, d)
+    work = torch.empty_like(vf)  # (V - mu)^2, reused by every iteration
+    geometry, eps = config.geometry, config.eps
+    if geometry is None:
+        assign = votes.new_full((1, 1, 1), 1.0 / o).expand(g, o, i)  # R_ij = 1 / O
+    else:  # R_ij = 1 / (number of parents the child feeds)
+        fan = geometry.fan_out(o, votes.dtype).view(g, 1, i)
+        assign = (1.0 / fan).expand(g, o, i)
+    a = act.unsqueeze(1)  # (G, 1, I)
+    saved: list[Tensor] = []
+    for t, lam in enumerate(config.lambdas):
+        # M-step
+        weights = assign * a  # R'_ij = R_ij a_i: (G, O, I)
+        s = weights.sum(-1)  # sum_i R'_ij: (G, O)
+        n = (s + eps).unsqueeze(-1)
+        wf = weights.view(g * o, 1, i)
+        mu = torch.bmm(wf, vf).view(g, o, d) / n
+        torch.sub(vf, mu.view(g * o, 1, d), out=work).square_()  # (V_ij^h - mu_j^h)^2
+        var_raw = torch.bmm(wf, work).view(g, o, d) / n
+        var = var_raw + config.var_floor  # see _m_step on the floor
+        log_var = var.log()
+        logit = lam * (beta_a - _em_cost(s, log_var, beta_u, config.normalize_cost, eps))
+        saved += [assign, mu, var_raw, logit]
+        if t == len(config.lambdas) - 1:
+            break
+        # E-step: log a_j + sum_h log N(V_ij^h; mu_j^h, var_j^h), normalised over parents.
+        inv_var = var.reciprocal()
+        log_r = torch.bmm(work, inv_var.view(g * o, d, 1)).view(g, o, i).mul_(-0.5)
+        log_r += (F.logsigmoid(logit) - 0.5 * (log_var + _LOG_2PI).sum(-1)).unsqueeze(-1)
+        assign = _e_step_normalize(log_r, geometry)
+    return mu, logit, assign, saved
+
+
+def _em_backward(
+    votes: Tensor,
+    act: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    saved: Sequence[Tensor],
+    config: _EMConfig,
+    grad_mu: Tensor | None,
+    grad_logit: Tensor | None,
+    grad_assign: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward pass of :func:`_em_forward`, iterations in reverse order.
+
+    Returns the gradients w.r.t. ``votes (G, O, I, D)``, ``act (G, I)``, ``beta_u`` and
+    ``beta_a`` ``(G, O)``.
+    """
+    g, o, i, d = votes.shape
+    go = g * o
+    vf = votes.view(go, i, d)
+    diff = torch.empty_like(vf)  # V - mu
+    work = torch.empty_like(vf)  # (V - mu)^2, then the coefficient of diff in grad_V
+    grad_votes = torch.empty_like(vf)
+    eps, floor, geometry = config.eps, config.var_floor, config.geometry
+    a = act.unsqueeze(1)
+    grad_act = act.new_zeros(g, i)
+    grad_bu = beta_u.new_zeros(g, o)
+    grad_ba = beta_a.new_zeros(g, o)
+    zeros_od = votes.new_zeros(g, o, d)
+    grad_mu_t = grad_mu if grad_mu is not None else zeros_od
+    grad_logit_t = grad_logit if grad_logit is not None else votes.new_zeros(g, o)
+    grad_next = None  # gradient w.r.t. the assignments R^{t+1} computed by E-step t
+    last = len(config.lambdas) - 1
+    for t in reversed(range(len(config.lambdas))):
+        lam = config.lambdas[t]
+        assign, mu, var_raw, logit = saved[4 * t : 4 * t + 4]
+        weights = assign * a
+        s = weights.sum(-1)
+        n = (s + eps).unsqueeze(-1)
+        var = var_raw + floor
+        log_var = var.log()
+        inv_var = var.reciprocal()
+        torch.sub(vf, mu.view(go, 1, d), out=diff)
+        torch.mul(diff, diff, out=work)
+        grad_mu_acc, grad_var, grad_logit_acc = grad_mu_t, zeros_od, grad_logit_t
+        grad_e = None
+        if t < last:
+            # E-step t: R^{t+1} = normalise_j(L_ij) with
+            # L_ij = -0.5 E_ij - 0.5 sum_h (log var_j^h + log 2pi) + logsigmoid(logit_j),
+            # E_ij = sum_h (V_ij^h - mu_j^h)^2 / var_j^h.
+            r_next = saved[4 * (t + 1)]
+            inner = (grad_next * r_next).sum(dim=1)  # (G, I)
+            if geometry is not None:  # normalised over all of the child's parents
+                n_, p_, s_ = geometry.batch, geometry.positions, geometry.slots
+                inner = geometry.child_sum(inner.view(n_, p_, s_)).view(g, i)
+            grad_l = r_next * (grad_next - inner.unsqueeze(1))  # (G, O, I)
+            grad_e = grad_l * -0.5
+            grad_l_sum = grad_l.sum(-1)  # (G, O)
+            grad_logit_acc = grad_logit_acc + grad_l_sum * torch.sigmoid(-logit)
+            ge = grad_e.view(go, 1, i)
+            grad_inv_var = torch.bmm(ge, work).view(g, o, d)
+            grad_var = -0.5 * grad_l_sum.unsqueeze(-1) * inv_var - grad_inv_var * inv_var * inv_var
+            grad_mu_acc = grad_mu_acc - 2.0 * inv_var * torch.bmm(ge, diff).view(g, o, d)
+        # M-step t, through the small tensors by autograd: (s, log var) -> cost -> logit.
+        with torch.enable_grad():
+            s_ = s.detach().requires_grad_()
+            lv_ = log_var.detach().requires_grad_()
+            bu_ = beta_u.detach().requires_grad_()
+            cost = _em_cost(s_, lv_, bu_, config.normalize_cost, eps)
+            grad_s, grad_lv, g_bu = torch.autograd.grad(cost, (s_, lv_, bu_), -lam * grad_logit_acc)
+        grad_ba += lam * grad_logit_acc
+        grad_bu += g_bu
+        grad_var = grad_var + grad_lv * inv_var  # log_var = log(var)
+        # var = Q / n + floor, Q_j^h = sum_i R'_ij (V_ij^h - mu_j^h)^2
+        grad_q = grad_var / n
+        grad_n = -(grad_var * var_raw).sum(-1)
+        # dQ/dmu = -2 sum_i R'_ij (V_ij - mu_j) = -2 mu_j eps exactly, as mu = P / (s + eps)
+        grad_mu_acc = grad_mu_acc - 2.0 * eps * grad_q * mu
+        # mu = P / n, P_j^h = sum_i R'_ij V_ij^h
+        grad_p = grad_mu_acc / n
+        grad_n = (grad_n - (grad_mu_acc * mu).sum(-1)) / n.squeeze(-1)
+        grad_s = grad_s + grad_n  # n = s + eps
+        grad_w = grad_s.unsqueeze(-1) + torch.bmm(vf, grad_p.view(go, d, 1)).view(g, o, i)
+        grad_w += torch.bmm(work, grad_q.view(go, d, 1)).view(g, o, i)
+        # dL/dV_ij = R'_ij grad_p_j + 2 (V_ij - mu_j) (R'_ij grad_q_j + grad_e_ij / var_j)
+        torch.mul(weights.view(go, i, 1), 2.0 * grad_q.view(go, 1, d), out=work)
+        if grad_e is not None:
+            work.addcmul_(grad_e.view(go, i, 1), inv_var.view(go, 1, d), value=2.0)
+        if t == last:
+            torch.mul(diff, work, out=grad_votes)
+        else:
+            grad_votes.addcmul_(diff, work)
+        grad_votes.addcmul_(weights.view(go, i, 1), grad_p.view(go, 1, d))
+        # R'_ij = R_ij a_i
+        grad_act += (grad_w * assign).sum(1)
+        grad_next = grad_w * a
+        if t == last and grad_assign is not None:
+            grad_next = grad_next + grad_assign
+        grad_mu_t = zeros_od
+        grad_logit_t = votes.new_zeros(g, o)
+    return grad_votes.view(g, o, i, d), grad_act, grad_bu, grad_ba
+
+
+class _EMRouting(torch.autograd.Function):
+    """EM routing with a hand-written backward pass (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, votes, act, beta_u, beta_a, config: _EMConfig):  # noqa: D102
+        with _no_autocast(votes):
+            mu, logit, assign, saved = _em_forward(votes, act, beta_u, beta_a, config)
+        ctx.config = config
+        ctx.num_saved = len(saved)
+        ctx.save_for_backward(votes, act, beta_u, beta_a, *saved)
+        ctx.set_materialize_grads(False)
+        return mu, logit, assign
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mu, grad_logit, grad_assign):  # noqa: D102
+        votes, act, beta_u, beta_a, *saved = ctx.saved_tensors
+        grad_mu, grad_logit, grad_assign = (
+            None if x is None else x.contiguous() for x in (grad_mu, grad_logit, grad_assign)
+        )
+        with _no_autocast(votes):
+            grads = _em_backward(
+                votes, act, beta_u, beta_a, saved, ctx.config, grad_mu, grad_logit, grad_assign
+            )
+        return (*grads, None)
+
+
+def _em_routing_fast(
+    votes: Tensor,
+    activations: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    lambdas: Sequence[float],
+    normalize_cost: bool,
+    var_floor: float,
+    eps: float,
+    geometry: _ConvGeometry | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch_shape, (in_caps, out_caps, dim) = votes.shape[:-3], votes.shape[-3:]
+    compute = _compute_dtype(votes)
+    try:
+        bu = torch.broadcast_to(beta_u.to(compute), (*batch_shape, out_caps))
+        ba = torch.broadcast_to(beta_a.to(compute), (*batch_shape, out_caps))
+    except RuntimeError:  # betas with more dims than the votes' batch: plain path
+        if geometry is None:
+            return _em_routing_plain(
+                votes, activations, beta_u, beta_a, lambdas, normalize_cost, var_floor, eps
+            )
+        return _conv_em_routing_plain(
+            votes, activations, beta_u, beta_a, geometry, lambdas, normalize_cost, var_floor,
+            eps,
+        )  # fmt: skip
+    v = _parent_major(votes, compute)  # (G, O, I, D)
+    g = v.shape[0]
+    act = activations.to(compute).reshape(g, in_caps)
+    bu, ba = bu.reshape(g, out_caps), ba.reshape(g, out_caps)
+    config = _EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), geometry)
+    if _needs_grad(v, act, bu, ba):
+        mu, logit, assign = _EMRouting.apply(v, act, bu, ba, config)
+    else:
+        with _no_autocast(v):
+            mu, logit, assign = _em_forward(v, act, bu, ba, config)[:3]
+    out = votes.dtype
+    return (
+        mu.reshape(*batch_shape, out_caps, dim).to(out),
+        torch.sigmoid(logit).reshape(*batch_shape, out_caps).to(out),
+        assign.transpose(1, 2).reshape(*batch_shape, in_caps, out_caps).to(out),
+    )
 
 
 # --------------------------------------------------------------------------- losses
