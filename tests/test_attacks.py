@@ -216,3 +216,32 @@ def test_bad_inputs(linear):
         attacks.bim(linear, images, labels, 0.1, steps=0)
     with pytest.raises(ValueError, match="no examples"):
         attacks.evaluate_attack(linear, [], num_classes=3, epsilons=[0.1])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("capsnet", dict(conv_channels=4, primary_types=2, primary_dim=4, class_dim=4,
+                         reconstruction=False)),
+        ("matrix_capsnet", dict(A=4, B=2, C=2, D=2)),
+    ],
+)  # fmt: skip
+def test_attack_gradient_is_the_true_gradient_through_routing(name, kwargs):
+    """Directional derivatives of the attack loss match central finite differences (float64):
+    the input gradient the attacks follow is exact, routing iterations included."""
+    torch.manual_seed(0)
+    model = create(name, input_size=17, dtype=torch.float64, **kwargs).eval()
+    x = torch.rand(2, 1, 17, 17, dtype=torch.float64)
+    y = torch.tensor([3, 7])
+    for loss in ("cross_entropy", "margin" if name == "capsnet" else "spread"):
+        grad, _ = attacks._input_gradient(model, x, y, loss, None, 0.9)
+
+        def f(z, loss=loss):
+            with torch.no_grad():
+                return float(attacks.attack_loss(model(z).scores, y, loss).sum())
+
+        for seed in range(3):
+            v = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+            h = 1e-6
+            numeric = (f(x + h * v) - f(x - h * v)) / (2 * h)
+            assert float((grad * v).sum()) == pytest.approx(numeric, rel=1e-5, abs=1e-9)
