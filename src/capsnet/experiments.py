@@ -892,6 +892,8 @@ def equivariance_experiment(
                 ylabel="held-out residual (1 - R^2)",
                 title=f"Equivariance under {kind}: can one linear map predict f(Tx) from f(x)?",
                 styles=styles,
+                logy=True,
+                legend_outside=True,
             )
         )
     summary = []

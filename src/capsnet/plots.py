@@ -79,6 +79,8 @@ def plot_lines(
     shade_label: str = "training range",
     ylim: tuple[float, float] | None = None,
     styles: Mapping[str, str] | None = None,
+    logy: bool = False,
+    legend_outside: bool = False,
 ) -> Path:
     """Several y-series against one x axis (e.g. accuracy vs rotation angle per model).
 
@@ -91,6 +93,8 @@ def plot_lines(
         shade_label: legend entry of the shaded interval.
         ylim: y-axis limits.
         styles: optional matplotlib format string per label (e.g. ``"--"``).
+        logy: logarithmic y axis.
+        legend_outside: put the legend right of the axes (many series).
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if shade is not None:
@@ -106,8 +110,13 @@ def plot_lines(
         ax.set_title(title)
     if ylim is not None:
         ax.set_ylim(*ylim)
+    if logy:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
@@ -370,7 +379,7 @@ def plot_couplings(
     """Coupling coefficients / assignments of one input after each iteration (heat maps).
 
     Children (rows) are sorted by the parent they finally prefer, so blocks show which
-    children route where.
+    children route where. The colour scale runs from 0 to the largest value shown.
 
     Args:
         assignments: per iteration, an ``(I, O)`` array.
@@ -383,10 +392,11 @@ def plot_couplings(
         raise ValueError("assignments must be a non-empty list of (I, O) arrays")
     final = a[-1]
     order = np.lexsort((-final.max(1), final.argmax(1)))
+    top = max(float(x.max()) for x in a) or 1.0
     fig, axes = plt.subplots(1, len(a), figsize=(2.2 * len(a) + 0.8, 3.8), squeeze=False)
     for t, ax in enumerate(axes[0]):
         im = ax.imshow(
-            a[t][order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0
+            a[t][order], aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=top
         )
         ax.set_title(f"iteration {t + 1}", fontsize=8)
         ax.set_xticks(range(final.shape[1]))

@@ -115,6 +115,17 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _same_columns(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Split summary rows into runs of rows with the same keys (one table each)."""
+    groups: list[list[Mapping[str, Any]]] = []
+    for r in rows:
+        if groups and list(groups[-1][0]) == list(r):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def _kv_table(values: Mapping[str, Any]) -> str:
     rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in values.items())
     return f"<table><tbody>{rows}</tbody></table>"
@@ -136,6 +147,27 @@ def _record_anchor(path: Path, record: Mapping[str, Any]) -> str:
     return _anchor(f"{record.get('experiment')}-{path.parent.name}")
 
 
+def _curve_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Loss / accuracy / error series from ``metrics.jsonl`` rows (as the trainer plots)."""
+    out = []
+    for r in rows:
+        if r.get("kind") == "train" and "epoch" in r:
+            out.append(
+                {
+                    "epoch": r["epoch"],
+                    **{f"train_{k}": r[k] for k in ("loss", "accuracy") if k in r},
+                }
+            )
+        elif r.get("kind") == "epoch":
+            keep = {
+                k: v
+                for k, v in r.items()
+                if k.endswith(("_loss", "_accuracy", "_error")) and not k.startswith("train_")
+            }
+            out.append({"epoch": r["epoch"], **keep})
+    return out
+
+
 def _training_section(run_dir: Path, out_dir: Path) -> str:
     from capsnet import plots
 
@@ -146,19 +178,14 @@ def _training_section(run_dir: Path, out_dir: Path) -> str:
         rows = read_metrics(metrics)
         epochs = [r for r in rows if r.get("kind") == "epoch"]
         if not curves.is_file() and rows:
-            curve_rows = [
-                {k: v for k, v in r.items() if k not in ("kind", "best")}
-                for r in rows
-                if r.get("kind") in ("epoch", "train")
-            ]
             try:
                 curves = plots.plot_training_curves(
-                    curve_rows, out_dir / "report_training_curves.png", x_key="epoch"
+                    _curve_rows(rows), out_dir / "report_training_curves.png", x_key="epoch"
                 )
             except ValueError:
                 pass
         if epochs:
-            keep = [k for k in epochs[-1] if k not in ("kind",)]
+            keep = [k for k in epochs[-1] if k not in ("kind", "time")]
             parts.append(_table([{k: r.get(k) for k in keep} for r in epochs]))
     else:
         parts.append('<p class="muted">no metrics.jsonl in this run directory</p>')
@@ -194,7 +221,7 @@ def _record_section(path: Path, record: Mapping[str, Any]) -> str:
             )
             + "</p>"
         )
-    parts.append(_table(record.get("summary") or []))
+    parts.extend(_table(rows) for rows in _same_columns(record.get("summary") or []))
     for name in record.get("figures") or []:
         parts.append(_image(path.parent / name, name))
     for note in record.get("notes") or []:
