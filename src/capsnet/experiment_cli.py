@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register_cli", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
+__all__ = ["register_cli", "main", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
 
 
 @dataclass
@@ -622,3 +622,19 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "experiment": lambda args: args.handler(args),
     "report": _report,
 }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run these subcommands on their own: ``python -m capsnet.experiment_cli attack RUN``."""
+    parser = argparse.ArgumentParser(
+        prog="capsnet", description="Capsule network experiments: attack, experiment, report."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register_cli(sub)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
