@@ -300,7 +300,11 @@ def test_class_matrix_capsules_votes_and_coordinate_addition(grid):
                     offset[0], offset[1] = (r + 0.5) / h, (c + 0.5) / w
                     torch.testing.assert_close(votes[:, child, o], v.reshape(2, 16) + offset)
     mu, a = with_ca(poses, act)
-    mu_ref, a_ref, _ = CF.em_routing(votes, act.reshape(2, -1), with_ca.beta_u, with_ca.beta_a, 2)
+    lambdas = L.authors_inverse_temperatures(2)  # the layers' default schedule
+    assert with_ca.inverse_temperatures == tuple(lambdas)
+    mu_ref, a_ref, _ = CF.em_routing(
+        votes, act.reshape(2, -1), with_ca.beta_u, with_ca.beta_a, 2, lambdas
+    )
     assert mu.shape == (2, 4, 16) and a.shape == (2, 4)
     torch.testing.assert_close(mu, mu_ref)
     torch.testing.assert_close(a, a_ref)

@@ -48,6 +48,7 @@ __all__ = [
     "unfold_capsules",
     "conv_output_size",
     "capsule_lengths",
+    "authors_inverse_temperatures",
     "PrimaryCapsules",
     "DenseCapsules",
     "CapsuleDecoder",
@@ -405,12 +406,30 @@ def _check_grid(
         )
 
 
+def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
+    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default.
+
+    The schedule the authors quoted on OpenReview (SPEC §2), used by the official code:
+    ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+
+    Note:
+        Not :func:`capsnet.functional.default_inverse_temperatures` (lambda 1 -> 3): with
+        the paper's cost, lambda of order 1 saturates the logistic of a freshly initialised
+        layer (``lambda * cost`` is in the tens to hundreds), every activation is exactly
+        1.0 in float32 and no gradient reaches the layers below. Small lambdas keep the
+        logistic in its linear range, so the network trains (see
+        :class:`capsnet.models.MatrixCapsNet`).
+    """
+    _positive_int("iterations", iterations)
+    return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
+
+
 def _check_routing_options(
     iterations: int, inverse_temperatures: Sequence[float] | None
-) -> tuple[float, ...] | None:
+) -> tuple[float, ...]:
     _positive_int("iterations", iterations)
     if inverse_temperatures is None:
-        return None
+        return tuple(authors_inverse_temperatures(iterations))
     lambdas = tuple(float(x) for x in inverse_temperatures)
     if len(lambdas) != iterations:
         raise ValueError(
@@ -500,7 +519,8 @@ class ConvMatrixCapsules(nn.Module):
         kernel_size: K (3 in the paper).
         stride: 2 for ConvCaps1, 1 for ConvCaps2 in the paper.
         iterations: EM iterations.
-        inverse_temperatures: lambda per iteration (None: the functional default).
+        inverse_temperatures: lambda per iteration (None: :func:`authors_inverse_temperatures`,
+            ``0.01 * (1 - 0.95 ** t)``).
         routing: ``"faithful"`` or ``"per_position"``.
         normalize_cost: standardise the EM cost over parents before the logistic (opt-in,
             not in the paper; see :func:`capsnet.functional.em_routing`).

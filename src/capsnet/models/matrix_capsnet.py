@@ -25,6 +25,7 @@ from capsnet.layers import (
     ClassMatrixCapsules,
     ConvMatrixCapsules,
     PrimaryMatrixCapsules,
+    authors_inverse_temperatures,
     conv_output_size,
 )
 from capsnet.models._common import as_size, check_images, check_targets, positive_int
@@ -37,16 +38,6 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "small": (64, 8, 16, 16),
     "paper": (32, 32, 32, 32),
 }
-
-
-def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
-    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r, MatrixCapsNet's default.
-
-    The schedule the authors quoted on OpenReview (SPEC §2) and the official code uses:
-    ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
-    """
-    positive_int("iterations", iterations)
-    return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
 
 
 class MatrixCapsNet(nn.Module):
@@ -132,8 +123,6 @@ class MatrixCapsNet(nn.Module):
                 f"got {self.input_size}"
             )
         self.grid_sizes = grids[1:]
-        if inverse_temperatures is None:
-            inverse_temperatures = authors_inverse_temperatures(iterations)
         kw = {"device": device, "dtype": dtype}
         routing_kw = {
             "iterations": iterations,
