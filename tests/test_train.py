@@ -81,6 +81,14 @@ def test_run_directory_and_metrics(data_root, tmp_path):
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 2
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == [2, 4, 6, 8]  # 64 images / batch 16 = 4 steps per epoch, log every 2
+    # Each epoch's train loss/accuracy is the mean of its (equal-sized) logged windows,
+    # also after the periodic checkpoints of the epoch before.
+    for e in (1, 2):
+        windows = [r for r in rows if r["kind"] == "train" and e - 1 < r["epoch"] <= e]
+        summary = [r for r in rows if r["kind"] == "epoch" and r["epoch"] == e][0]
+        assert summary["train_loss"] == pytest.approx(sum(r["loss"] for r in windows) / 2)
+        acc = sum(r["accuracy"] for r in windows) / 2
+        assert summary["train_accuracy"] == pytest.approx(acc)
     epoch = [r for r in rows if r["kind"] == "epoch"][-1]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"} <= epoch.keys()
     final = json.loads((run / "evaluation.json").read_text())
@@ -297,3 +305,36 @@ def test_run_that_died_before_its_first_checkpoint_starts_over(data_root, tmp_pa
     train(tiny_config(data_root, run, epochs=1))
     assert [r["kind"] for r in _read_metrics(run)][0] == "start"
     assert json.loads((run / "config.json").read_text())["epochs"] == 1
+
+
+def test_runlog_tensorboard_and_truncate(tmp_path, monkeypatch):
+    """Scalars also go to TensorBoard when it is importable; truncate drops later steps."""
+    import types
+
+    from capsnet.runlog import RunLog, read_metrics
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer)
+    )
+    log = RunLog(tmp_path, enabled=True, tensorboard=True)
+    for step in (1, 2, 3):
+        log.write({"kind": "train", "step": step, "loss": 1.0 / step, "best": True})
+    log.close()
+    assert ("train/loss", 0.5, 2) in scalars and scalars[-1] == "closed"
+    assert not [s for s in scalars if s != "closed" and s[0] == "train/best"]
+    log.truncate(2)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    RunLog(tmp_path, enabled=False, tensorboard=True).write({"kind": "x", "step": 9})
+    assert len(read_metrics(tmp_path)) == 2

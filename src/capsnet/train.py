@@ -350,13 +350,16 @@ class Trainer:
         })  # fmt: skip
         final = None
         for epoch in range(st["epoch"], cfg.epochs):
+            start = st["batch_in_epoch"]
             train_loss, train_acc, seconds = self._train_epoch(epoch)
             st.update(epoch=epoch + 1, batch_in_epoch=0)
             record = {
                 "kind": "epoch", "epoch": epoch + 1, "step": st["step"],
                 "train_loss": train_loss, "train_accuracy": train_acc,
                 "lr": self.scheduler.get_last_lr()[0], "time_s": round(seconds, 2),
-                "images_per_s": round(self.steps_per_epoch * cfg.batch_size / seconds, 1),
+                "images_per_s": round(
+                    (self.steps_per_epoch - start) * cfg.batch_size / seconds, 1
+                ),
             }  # fmt: skip
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 final = self._evaluate_all(record)
@@ -378,7 +381,9 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.ddp.train()
         start = st["batch_in_epoch"]
-        meter, window = _Meter(self.device, self.epoch_sums), _Meter(self.device)
+        # A mid-epoch resume continues the epoch's sums from the checkpoint.
+        meter = _Meter(self.device, self.epoch_sums if start else None)
+        window = _Meter(self.device)
         self.epoch_sums = None
         # Spread-loss margin: +margin_per_epoch per whole epoch, 0.2 -> 0.9 ([H18] §3.1).
         margin = F.spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
@@ -419,6 +424,7 @@ class Trainer:
                     self.epoch_sums = meter.sums.tolist()
                     self._save("last", None)
         bar.close()
+        self.epoch_sums = None  # the epoch is complete; nothing to continue
         loss, acc, _ = meter.reduced()
         return loss, acc, time.perf_counter() - tic
 
