@@ -89,7 +89,7 @@ def evaluate(
     num_classes: int,
     classes: list[str] | None = None,
     capsule_scores: bool = True,
-    loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
+    loss_fn: Callable[[Any, Tensor, Tensor], Tensor] | None = None,
     precision: str = "fp32",
     limit_batches: int | None = None,
     progress: bool = False,
@@ -104,7 +104,8 @@ def evaluate(
         classes: class names (default ``"0"``, ``"1"``, ...).
         capsule_scores: the scores are class capsule lengths / activations (report their
             means); False for logits.
-        loss_fn: ``loss_fn(output, labels) -> (B,)`` per-example loss, optional.
+        loss_fn: ``loss_fn(output, images, targets) -> (B,)`` per-example loss, optional
+            (targets: the labels, or multi-hot ``(B, K)`` with ``labels2``).
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         limit_batches: stop after this many batches.
         progress: show a progress bar.
@@ -147,7 +148,7 @@ def evaluate(
             multi[k + 1 :] += (present * top2).sum(0)
             targets = present.clamp(max=1).float()
         if loss_fn is not None:
-            loss_sum += loss_fn(out, targets).double().sum()
+            loss_sum += loss_fn(out, images, targets).double().sum()
         bar.update()
     bar.close()
     model.train(was_training)

@@ -467,9 +467,15 @@ class Trainer:
         """Evaluate on val (if any) and the eval split; update best; fill ``record``."""
         cfg = self.cfg
 
-        def loss_fn(out, targets):  # the classification part of the objective
-            return compute_loss(self.loss_kind, out._replace(reconstructions=None), None,
-                                targets, margin=cfg.margin_stop, reduction="none")  # fmt: skip
+        def loss_fn(out, images, targets):
+            # The training objective, with the decoder masked by the prediction as at test
+            # time ([S17] §4.1); two-digit data: the margin part only.
+            if self.two_digits:
+                out = out._replace(reconstructions=None)
+            return compute_loss(
+                self.loss_kind, out, images, targets, margin=cfg.margin_stop,
+                reconstruction_weight=cfg.reconstruction_weight, reduction="none",
+            )  # fmt: skip
 
         results: dict[str, EvalResult] = {}
         for name, loader in self.eval_loaders.items():
