@@ -66,18 +66,28 @@ class EvalResult:
             f"error {100 * self.error:.2f}%" + (f"   loss {self.loss:.4f}" if self.loss else "")
         ]
         header = "".rjust(width) + "  acc %  " + " ".join(n.rjust(width) for n in names)
-        if self.mean_scores is not None:
-            header += "   mean score"
+        scores = self.mean_scores is not None and self.mean_scores_by_class is not None
+        if scores:  # capsule i on images of class i, and on the other images
+            header += "   own  other"
         lines += ["confusion (rows: true class, columns: predicted)", header]
+        n = self.num_examples
         for i in range(k):
             acc = self.per_class_accuracy[i]
             row = names[i].rjust(width) + (
                 f"{100 * acc:7.2f}  " if acc is not None else "    -    "
             )
             row += " ".join(str(c).rjust(width) for c in self.confusion[i])
-            if self.mean_scores is not None:
-                row += f"   {self.mean_scores[i]:.3f}"
+            if scores:
+                n_i = sum(self.confusion[i])
+                own = self.mean_scores_by_class[i][i]
+                other = (self.mean_scores[i] * n - own * n_i) / max(n - n_i, 1)
+                row += f"  {own:.3f}  {other:.3f}"
             lines.append(row)
+        if scores:
+            lines.append(
+                "own / other: mean length (activation) of each class capsule on images of "
+                "its class / of the other classes"
+            )
         return "\n".join(lines)
 
 
