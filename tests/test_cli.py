@@ -31,6 +31,18 @@ def test_train_evaluate_resume_end_to_end(data_root, tmp_path, capsys):
     assert len(record["per_class_accuracy"]) == 10 and len(record["mean_scores"]) == 10
     assert record["split"] == "test"
 
+    # Another dataset (the run's data options do not carry over): 12 images as .npz.
+    import numpy as np
+
+    from training_helpers import synthetic_digits
+
+    x, y = synthetic_digits(12, seed=5)
+    np.savez(tmp_path / "other.npz", x_test=x, y_test=y)
+    argv = ["evaluate", str(run), "--dataset", f"npz:{tmp_path / 'other.npz'}", "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "other.json")]) == 0
+    other = json.loads((tmp_path / "other.json").read_text())
+    assert other["num_examples"] == 12 and other["dataset"].startswith("npz:")
+
     out_file = tmp_path / "train_eval.json"
     argv = ["evaluate", str(run / "last.safetensors"), "--split", "train", "--no-progress"]
     assert main([*argv, "--output", str(out_file)]) == 0

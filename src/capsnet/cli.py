@@ -210,11 +210,14 @@ def _models(_: argparse.Namespace) -> int:
 
 
 def _datasets(_: argparse.Namespace) -> int:
-    from capsnet import data
+    from capsnet.data import dataset_info, list_datasets
 
-    for name in data.list_datasets():
-        print(name)
-    print("folder:PATH   (an image folder, one subfolder per class)")
+    names = list_datasets()
+    width = max(len(n) for n in names) + 5
+    for name in names:
+        info = dataset_info(name)
+        label = f"{name}:PATH" if name in ("folder", "npz") else name
+        print(f"{label.ljust(width)}  {info.description}")
     return 0
 
 

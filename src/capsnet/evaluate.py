@@ -234,12 +234,15 @@ def evaluate_checkpoint(
     config = meta["config"]
     split = split or config.get("eval_split", "test")
     dev = distributed.resolve_device(device)
+    name = dataset or config.get("dataset", "mnist")
+    # The run's dataset options apply to its own dataset, not to another one.
+    options = config.get("data_kwargs", {}) if name == config.get("dataset") else {}
     ds = data.create(
-        dataset or config.get("dataset", "mnist"),
+        name,
         split=split,
         root=data_root if data_root is not None else config.get("data_root"),
         download=download,
-        **config.get("data_kwargs", {}),
+        **options,
     )
     model = load(meta["path"], device=dev)
     two_digits = "labels2" in getattr(ds, "extras", ())
@@ -269,7 +272,7 @@ def evaluate_checkpoint(
     record = {
         "checkpoint": meta["path"],
         "model": meta["model"],
-        "dataset": dataset or config.get("dataset"),
+        "dataset": name,
         "split": split,
         "epoch": meta["epoch"],
         "step": meta["step"],
