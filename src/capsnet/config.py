@@ -18,6 +18,7 @@ import difflib
 import inspect
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -170,7 +171,7 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> RunCo
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None

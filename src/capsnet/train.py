@@ -261,7 +261,9 @@ class Trainer:
             # The second digit's reconstruction runs the decoder outside DDP's forward.
             raise ValueError("two-digit (MultiMNIST) training with a decoder is single-process")
         self.ddp = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=None)
+            nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             if ctx.is_distributed
             else self.model
         )
