@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from capsnet import attacks, plots, probes
+from capsnet.data.dataset import to_float
+from capsnet.data.loader import resolve_device
 
 __all__ = [
     "make_record",
@@ -144,17 +146,6 @@ def _finish(out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- data helpers
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available, else mps, else cpu; anything else as given."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def _check_dataset(dataset: Any) -> None:
     for attr in ("images", "labels", "num_classes"):
         if not hasattr(dataset, attr):
@@ -202,7 +193,7 @@ def eval_batches(
         chunk = idx[start : start + batch_size]
         images = dataset.images[chunk]
         if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
+            images = to_float(images)
         labels = torch.as_tensor(dataset.labels)[chunk].long()
         yield images.to(device), labels.to(device)
 
