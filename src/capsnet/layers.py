@@ -590,8 +590,11 @@ class ConvMatrixCapsules(nn.Module):
         )
         b, p = children.shape[:2]
         m = children.reshape(b, p, self.kernel_size**2, self.in_types, 4, 4)
-        votes = torch.einsum("bpkixy,kioyz->bpkioxz", m, self.weight)
-        return votes.reshape(b, p, -1, self.out_types, 16), child_act, out_size
+        # Computed parent-major (B, P, O, K*K*B, 16), returned as a transposed view in the
+        # routing layout: the routing kernels work parent-major, so this saves them a copy.
+        votes = torch.einsum("bpkixy,kioyz->bpokixz", m, self.weight)
+        votes = votes.reshape(b, p, self.out_types, -1, 16).transpose(2, 3)
+        return votes, child_act, out_size
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         votes, child_act, (h_out, w_out) = self.votes(poses, activations)
@@ -689,8 +692,9 @@ class ClassMatrixCapsules(nn.Module):
         """``V = M W`` (+ coordinates): ``(B, H, W, in_types, 16)`` -> ``(B, I, E, 16)``."""
         b, h, w = poses.shape[:3]
         m = poses.reshape(b, h, w, self.in_types, 4, 4)
-        votes = torch.einsum("bhwixy,ieyz->bhwiexz", m, self.weight)
-        votes = votes.reshape(b, h * w * self.in_types, self.num_classes, 16)
+        # Parent-major (B, E, H*W*in_types, 16) as a transposed view, as in ConvMatrixCapsules.
+        votes = torch.einsum("bhwixy,ieyz->behwixz", m, self.weight)
+        votes = votes.reshape(b, self.num_classes, -1, 16).transpose(1, 2)
         if self.coordinate_addition:
             votes = CF.coordinate_addition(votes, h, w)
         return votes
