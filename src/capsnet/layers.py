@@ -518,7 +518,8 @@ class ConvMatrixCapsules(nn.Module):
         out_types: C, output capsule types per position.
         kernel_size: K (3 in the paper).
         stride: 2 for ConvCaps1, 1 for ConvCaps2 in the paper.
-        iterations: EM iterations.
+        iterations: EM iterations (default 2, see :class:`capsnet.models.MatrixCapsNet`;
+            the paper used 3).
         inverse_temperatures: lambda per iteration (None: :func:`authors_inverse_temperatures`,
             ``0.01 * (1 - 0.95 ** t)``).
         routing: ``"faithful"`` or ``"per_position"``.
@@ -538,7 +539,7 @@ class ConvMatrixCapsules(nn.Module):
         out_types: int,
         kernel_size: int = 3,
         stride: int = 1,
-        iterations: int = 3,
+        iterations: int = 2,
         inverse_temperatures: Sequence[float] | None = None,
         *,
         routing: str = "faithful",
@@ -660,7 +661,7 @@ class ClassMatrixCapsules(nn.Module):
         self,
         in_types: int,
         num_classes: int,
-        iterations: int = 3,
+        iterations: int = 2,
         inverse_temperatures: Sequence[float] | None = None,
         *,
         coordinate_addition: bool = True,
