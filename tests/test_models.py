@@ -218,10 +218,10 @@ def test_bfloat16_autocast_is_finite(name):
 @pytest.mark.parametrize(
     "name, lr, steps",
     [("capsnet", 3e-3, 20), ("matrix_capsnet", 1e-2, 20), ("hinton_cnn", 1e-3, 10),
-     ("sabour_cnn", 1e-3, 10)],
+     ("sabour_cnn", 1e-3, 12)],
 )  # fmt: skip
 def test_overfits_a_tiny_batch(name, lr, steps):
-    model = make(name)
+    model = make(name, dropout=0.0) if name.endswith("_cnn") else make(name)
     images, labels = fake_digits(10, model.num_classes, model.input_size, model.in_channels)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
@@ -367,7 +367,9 @@ def test_matrix_capsnet_default_lambda_schedule_and_why():
     # The reason (see MatrixCapsNet's Note): with the paper's cost and lambda 1 -> 3 the
     # logistic saturates at initialisation and nothing below the class layer gets a gradient.
     torch.manual_seed(0)
-    saturated = M.create("matrix_capsnet", inverse_temperatures=CF.default_inverse_temperatures(3))
+    saturated = M.create(
+        "matrix_capsnet", iterations=3, inverse_temperatures=CF.default_inverse_temperatures(3)
+    )
     images, labels = fake_digits(4)
     out = saturated(images)
     CF.spread_loss(out.scores, labels, margin=0.2).backward()
