@@ -73,6 +73,15 @@ def loss_for(name, out, images, labels):
     return torch.nn.functional.cross_entropy(out.scores, labels)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- registry
 
 
