@@ -14,6 +14,15 @@ from capsnet import experiments, probes
 from capsnet.models import ModelOutput, create
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class FakeDataset:
     """The ImageDataset contract in miniature: uint8 images, labels, classes, eval_transform."""
 
@@ -50,7 +59,7 @@ def tiny_capsnet(**kw):
 
 def tiny_matrix():
     torch.manual_seed(0)
-    return create("matrix_capsnet", A=8, B=2, C=2, D=2).eval()
+    return create("matrix_capsnet", A=8, B=2, C=2, D=2, iterations=3).eval()
 
 
 # --------------------------------------------------------------------------- probes
@@ -297,13 +306,14 @@ def test_routing_experiment(tmp_path, which):
     assert len(res["per_iteration"]) == 3
     for p in res["per_iteration"]:
         assert 0.0 <= p["true_assignment"] <= 1.0 and p["true_distance"] >= 0.0
+        assert -1.0 <= p["true_cosine"] <= 1.0 and -1.0 <= p["other_cosine"] <= 1.0
     if which == "dynamic":  # iteration 1 couplings are uniform
         assert res["per_iteration"][0]["true_assignment"] == pytest.approx(0.1)
     assert set(res["dead_fraction"]) == set(
         probes.capsule_activations(model, torch.rand(1, 1, 28, 28))
     )
     assert len(res["examples"]) == n
-    expected = {"agreement_by_iteration.png", "dead_capsules.png"}
+    expected = {"agreement_distance.png", "agreement_cosine.png", "dead_capsules.png"}
     expected |= {f"{kind}_{k}.png" for kind in ("couplings", "vote_distances") for k in range(n)}
     assert set(rec["figures"]) == expected
     for f in expected:

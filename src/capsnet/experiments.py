@@ -620,17 +620,18 @@ def _weighted_mean(values: Tensor, weights: Tensor, dim: int) -> Tensor:
 
 
 def _agreement_sums(state: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
-    """Batch sums of the true class's assignment and of the weighted vote distances."""
-    w, d, c = state["weights"], state["distances"], state["assignments"]  # (B, I, O)
+    """Batch sums of the true class's assignment and of the weighted vote distances/cosines."""
+    w, c = state["weights"], state["assignments"]  # (B, I, O)
     if w.ndim != 3:
         raise ValueError(f"expected a class capsule routing call, got weights {tuple(w.shape)}")
     onehot = torch.nn.functional.one_hot(labels, w.shape[-1]).to(w.dtype)  # (B, O)
-    mean_dist = _weighted_mean(d, w, dim=1)  # (B, O)
-    return {
-        "true_assignment": (c.mean(1) * onehot).sum(),
-        "true_distance": (mean_dist * onehot).sum(),
-        "other_distance": (mean_dist * (1 - onehot)).sum() / max(w.shape[-1] - 1, 1),
-    }
+    others = max(w.shape[-1] - 1, 1)
+    sums = {"true_assignment": (c.mean(1) * onehot).sum()}
+    for key, name in (("distances", "distance"), ("cosines", "cosine")):
+        per_class = _weighted_mean(state[key], w, dim=1)  # (B, O)
+        sums[f"true_{name}"] = (per_class * onehot).sum()
+        sums[f"other_{name}"] = (per_class * (1 - onehot)).sum() / others
+    return sums
 
 
 def _routing_example_figures(
@@ -742,19 +743,24 @@ def routing_experiment(
     dead = probes.dead_capsule_fraction(
         {k: torch.cat(v) for k, v in layer_acts.items()}, threshold=dead_threshold
     )
-    figures.append(
-        plots.plot_lines(
-            list(range(1, len(per_iter) + 1)),
-            {
-                "to the true class": [p["true_distance"] for p in per_iter],
-                "to the other classes (mean)": [p["other_distance"] for p in per_iter],
-            },
-            out_dir / "agreement_by_iteration.png",
-            xlabel="routing iteration",
-            ylabel="assignment-weighted mean vote distance",
-            title=f"Votes vs parent means, {total} test inputs",
+    iters = list(range(1, len(per_iter) + 1))
+    for name, ylabel in (
+        ("distance", "weighted mean vote distance to the parent mean"),
+        ("cosine", "weighted mean cosine(vote, parent mean)"),
+    ):
+        figures.append(
+            plots.plot_lines(
+                iters,
+                {
+                    "true class": [p[f"true_{name}"] for p in per_iter],
+                    "other classes (mean)": [p[f"other_{name}"] for p in per_iter],
+                },
+                out_dir / f"agreement_{name}.png",
+                xlabel="routing iteration",
+                ylabel=ylabel,
+                title=f"Agreement of the votes with each class capsule, {total} test inputs",
+            )
         )
-    )
     figures.append(
         plots.plot_bars(
             {layer: {label: frac} for layer, frac in dead.items()},
@@ -783,6 +789,9 @@ def routing_experiment(
         summary=summary,
         notes=[
             "Per-iteration states: the recorded class-layer routing re-run with 1..r iterations.",
+            "Cosine: cos(vote_ij, mean_j), a scale-free agreement (dynamic routing rewards "
+            "the scalar product u_hat . v, so long agreeing votes can sit far from the mean "
+            "in absolute distance).",
             "Distance: |vote_ij - mean_j|; weight: c_ij (dynamic routing, mean = "
             "sum_i c_ij u_hat_j|i / sum_i c_ij) or R_ij a_i (EM, mean = mu_j).",
         ],

@@ -164,7 +164,8 @@ def routing_trace(call: RoutingCall, iterations: int | None = None) -> list[dict
 
     Returns:
         One dict per iteration with ``assignments (..., I, O)``, ``means (..., O, D)``,
-        ``activations (..., O)``, ``distances (..., I, O)``, ``weights (..., I, O)``.
+        ``activations (..., O)``, ``distances``, ``cosines`` and ``weights``, each
+        ``(..., I, O)``.
     """
     r = call.iterations if iterations is None else int(iterations)
     if r < 1:
@@ -193,12 +194,14 @@ def routing_trace(call: RoutingCall, iterations: int | None = None) -> list[dict
             votes = args["votes"]
             weights = c * args["activations"].unsqueeze(-1)
         distances = (votes - mean.unsqueeze(-3)).norm(dim=-1)
+        cosines = torch.nn.functional.cosine_similarity(votes, mean.unsqueeze(-3), dim=-1)
         trace.append(
             {
                 "assignments": c,
                 "means": mean,
                 "activations": acts,
                 "distances": distances,
+                "cosines": cosines,
                 "weights": weights,
             }
         )
