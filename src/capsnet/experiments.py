@@ -342,7 +342,14 @@ def attack_experiment(
                 )
                 runs.append(run)
                 metric = "success_rate" if tgt else "accuracy"
-                row = {"model": label, "attack": method, "targeted": tgt, "loss": loss}
+                row = {
+                    "model": label,
+                    "attack": method,
+                    "targeted": tgt,
+                    "loss": loss,
+                    "metric": "target success" if tgt else "accuracy",
+                    "zero-grad": run["zero_gradient_fraction"],
+                }
                 row.update(
                     {f"eps={e:g}": v for e, v in zip(run["epsilons"], run[metric], strict=True)}
                 )
@@ -360,7 +367,8 @@ def attack_experiment(
     ]
     record = make_record(
         "attack",
-        "Adversarial robustness (FGSM / BIM)",
+        "Adversarial robustness (FGSM / BIM)"
+        + ("" if losses == "cross_entropy" else f", attack loss: {_loss_names(losses)}"),
         settings={
             "epsilons": list(epsilons),
             "methods": list(methods),
@@ -378,6 +386,12 @@ def attack_experiment(
         notes=notes,
     )
     return _finish(out_dir, record)
+
+
+def _loss_names(losses: Mapping[str, str] | str) -> str:
+    if isinstance(losses, str):
+        return "each model's paper loss" if losses == "model" else losses
+    return ", ".join(f"{k}: {v}" for k, v in losses.items())
 
 
 # --------------------------------------------------------------------------- transform sweeps

@@ -267,7 +267,7 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     model = config.get("model", "?")
     dataset = config.get("dataset", "?")
     nav = ['<a href="#training">training</a>'] + [
-        f'<a href="#{_record_anchor(p, r)}">{_esc(r.get("experiment"))}</a>' for p, r in records
+        f'<a href="#{_record_anchor(p, r)}">{_esc(p.parent.name)}</a>' for p, r in records
     ]
     body = [
         f"<h1>{_esc(run_dir.resolve().name)}</h1>",
