@@ -127,7 +127,7 @@ def make_record(
             "title": title,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "capsnet_version": __version__,
-            "command": " ".join(sys.argv),
+            "command": _command_line(),
             "settings": dict(settings),
             "models": dict(models),
             "results": results,
@@ -136,6 +136,14 @@ def make_record(
             "notes": list(notes),
         }
     )
+
+
+def _command_line() -> str:
+    """The command that is running, as the user would type it."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("capsnet", "__main__.py", "cli.py", "experiment_cli.py"):
+        argv[0] = "capsnet"
+    return " ".join(argv)
 
 
 def _finish(out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
