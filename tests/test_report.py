@@ -120,3 +120,18 @@ def test_cli_report_subcommand(tmp_path, capsys):
     assert args.values == [-10.0, 0.0, 10.0] and args.kind == "rotation"
     with pytest.raises(SystemExit):
         parser.parse_args(["attack", str(run), "--epsilons", "a,b"])
+
+
+def test_report_of_an_experiment_folder(tmp_path):
+    """A protocol's output folder (records at its top, no training logs) is reportable too."""
+    folder = tmp_path / "viewpoint_azimuth"
+    experiments.write_json(
+        folder / "viewpoint_azimuth.json",
+        experiments.make_record(
+            "viewpoint_azimuth", "Novel viewpoints (azimuth)", settings={}, models={},
+            results={}, figures=[], summary=[{"model": "capsules", "novel error": 0.13}],
+        ),
+    )  # fmt: skip
+    page = report.build_report(folder).read_text()
+    assert "Novel viewpoints (azimuth)" in page and "0.1300" in page
+    assert 'id="training"' not in page  # no training section for a folder without a run

@@ -1,4 +1,5 @@
-"""``capsnet report RUN_DIR``: one self-contained HTML page for a training run.
+"""``capsnet report RUN_DIR``: one self-contained HTML page for a training run (or an
+experiment folder).
 
 The page holds the run's configuration, its training curves (from ``metrics.jsonl``), the
 final evaluation (``evaluation.json``) and every experiment record found under
@@ -61,17 +62,25 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def collect_records(run_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
-    """Experiment records under ``run_dir/experiments`` as ``(json path, record)``, by time."""
-    root = Path(run_dir) / "experiments"
-    found = []
+    """Experiment records as ``(json path, record)``, oldest first.
+
+    Looks under ``run_dir/experiments/`` (where the per-model commands write) and at the
+    JSON files in ``run_dir`` itself (an experiment folder such as the output of
+    ``capsnet experiment viewpoint``).
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / "experiments"
+    paths = sorted(run_dir.glob("*.json"))
     if root.is_dir():
-        for path in sorted(root.rglob("*.json")):
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(record, dict) and "experiment" in record and "title" in record:
-                found.append((path, record))
+        paths += sorted(root.rglob("*.json"))
+    found = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and "experiment" in record and "title" in record:
+            found.append((path, record))
     found.sort(key=lambda item: (str(item[1].get("created", "")), str(item[0])))
     return found
 
@@ -266,7 +275,8 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     records = collect_records(run_dir)
     model = config.get("model", "?")
     dataset = config.get("dataset", "?")
-    nav = ['<a href="#training">training</a>'] + [
+    trained = (run_dir / "metrics.jsonl").is_file() or (run_dir / "config.json").is_file()
+    nav = ['<a href="#training">training</a>'] * trained + [
         f'<a href="#{_record_anchor(p, r)}">{_esc(p.parent.name)}</a>' for p, r in records
     ]
     body = [
@@ -278,7 +288,8 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     if config:
         body.append("<details><summary>run configuration</summary>" + _kv_table(config))
         body.append("</details>")
-    body.append(_training_section(run_dir, output.parent))
+    if trained:  # a run directory, not only an experiment folder
+        body.append(_training_section(run_dir, output.parent))
     if not records:
         body.append(
             '<h2>Experiments</h2><p class="muted">none yet: run e.g. '
