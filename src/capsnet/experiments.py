@@ -1058,8 +1058,8 @@ def matched_checkpoints(
 
     The [H18] viewpoint protocol compares models at the same error on familiar views. The
     level is ``target`` or, by default, the larger of the models' best familiar errors (the
-    best level every model reaches); each model's chosen epoch is the first whose error is
-    at or below the level.
+    best level every model reaches); each model's chosen epoch is the one whose error is
+    closest to the level (the earliest on ties).
 
     Args:
         familiar_errors: ``{label: [error after epoch 1, 2, ...]}``.
@@ -1071,10 +1071,10 @@ def matched_checkpoints(
     if not familiar_errors or any(len(v) == 0 for v in familiar_errors.values()):
         raise ValueError("familiar_errors must map every model to a non-empty list of errors")
     level = max(min(v) for v in familiar_errors.values()) if target is None else float(target)
-    chosen = {}
-    for label, errs in familiar_errors.items():
-        ok = [i for i, e in enumerate(errs) if e <= level + 1e-12]
-        chosen[label] = ok[0] if ok else int(min(range(len(errs)), key=errs.__getitem__))
+    chosen = {
+        label: min(range(len(errs)), key=lambda i, errs=errs: (abs(errs[i] - level), i))
+        for label, errs in familiar_errors.items()
+    }
     return level, chosen
 
 
@@ -1237,8 +1237,8 @@ def generalization_protocol(
         figures=figures,
         summary=summary,
         notes=[
-            "Each model is read at the first epoch whose familiar error is at or below the "
-            "matched level (the best level every model reaches, unless a target is given).",
+            "Each model is read at the epoch whose familiar error is closest to the matched "
+            "level (the best level every model reaches, unless a target is given).",
             *notes,
         ],
     )
