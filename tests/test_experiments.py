@@ -375,6 +375,7 @@ def cli(argv):
     return args.handler(args)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_runs, capsys):
     _, caps, cnn = tiny_runs
     common = ["--device", "cpu", "--no-progress", "--batch-size", "12"]

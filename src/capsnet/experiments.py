@@ -318,15 +318,9 @@ def attack_experiment(
     device = resolve_device(device)
     results: dict[str, list[dict[str, Any]]] = {}
     summary = []
+    attack_losses = _resolve_losses(models, losses, model_names)  # checked before any work
     for label, model in models.items():
-        loss = losses if isinstance(losses, str) else losses.get(label, "cross_entropy")
-        if loss == "model":
-            from capsnet.models import model_info
-
-            name = (model_names or {}).get(label)
-            if name is None:
-                raise ValueError(f"losses='model' needs model_names[{label!r}] (a registry name)")
-            loss = model_info(name).loss
+        loss = attack_losses[label]
         model.to(device)
         runs = []
         for method in methods:
@@ -394,6 +388,31 @@ def attack_experiment(
         notes=notes,
     )
     return _finish(out_dir, record)
+
+
+def _resolve_losses(
+    models: Mapping[str, nn.Module],
+    losses: Mapping[str, str] | str,
+    model_names: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """``{label: attack loss}``, with ``"model"`` replaced by the model's paper loss."""
+    from capsnet.models import model_info
+
+    resolved = {}
+    for label in models:
+        loss = losses if isinstance(losses, str) else losses.get(label, "cross_entropy")
+        if loss == "model":
+            name = (model_names or {}).get(label)
+            if name is None:
+                raise ValueError(f"losses='model' needs model_names[{label!r}] (a registry name)")
+            loss = model_info(name).loss
+        if loss not in attacks.ATTACK_LOSSES:
+            raise ValueError(
+                f"attack loss for {label!r} must be one of "
+                f"{', '.join(map(repr, (*attacks.ATTACK_LOSSES, 'model')))}, got {loss!r}"
+            )
+        resolved[label] = loss
+    return resolved
 
 
 def _loss_names(losses: Mapping[str, str] | str) -> str:
