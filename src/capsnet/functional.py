@@ -600,12 +600,17 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
-    """Gradient of :func:`squash` (last dim) at ``s``, by autograd on the small tensor."""
-    with torch.enable_grad():
-        s = s.detach().requires_grad_()
-        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
-    return grad_s
+def _squash_backward(s: Tensor, grad_v: Tensor, eps: float = 1e-8) -> Tensor:
+    """Gradient of :func:`squash` (last dim) at ``s``.
+
+    ``v = s f(n)`` with ``n = |s|^2``, ``f(n) = sqrt(n + eps) / (1 + n)``, so
+    ``dL/ds = f grad_v + 2 s (grad_v . s) f'(n)``.
+    """
+    n = s.pow(2).sum(-1, keepdim=True)
+    root = torch.sqrt(n + eps)
+    f = root / (1.0 + n)
+    df = (0.5 / root - f) / (1.0 + n)  # f'(n) = (1/(2 root) - root/(1+n)) / (1+n)
+    return f * grad_v + 2.0 * df * (grad_v * s).sum(-1, keepdim=True) * s
 
 
 def _dynamic_routing_forward(
@@ -728,6 +733,22 @@ def _em_cost(s: Tensor, log_var: Tensor, beta_u: Tensor, normalize: bool, eps: f
     return cost
 
 
+def _em_cost_backward(
+    s: Tensor, log_var: Tensor, beta_u: Tensor, grad: Tensor, config: _EMConfig
+) -> Tensor:
+    """Gradient w.r.t. the raw cost of :func:`_em_cost` given ``grad`` w.r.t. its output."""
+    if not config.normalize_cost:
+        return grad
+    cost = _em_cost(s, log_var, beta_u, False, config.eps)
+    mean = cost.mean(dim=-1, keepdim=True)
+    std = (cost - mean).pow(2).mean(dim=-1, keepdim=True).add(config.eps).sqrt()
+    normed = (cost - mean) / std
+    # Standardisation over the parents (as in layer norm without affine parameters).
+    return (
+        grad - grad.mean(dim=-1, keepdim=True) - normed * (grad * normed).mean(-1, keepdim=True)
+    ) / std
+
+
 def _e_step_normalize(log_r: Tensor, geometry: _ConvGeometry | None) -> Tensor:
     """Assignments from E-step logits ``(G, O, I)``, in place: a softmax over parents.
 
@@ -799,14 +820,21 @@ def _em_backward(
 
     Returns the gradients w.r.t. ``votes (G, O, I, D)``, ``act (G, I)``, ``beta_u`` and
     ``beta_a`` ``(G, O)``.
+
+    Every iteration t contributes ``R'_ij grad_p_j + 2 (V_ij - mu_j) (R'_ij grad_q_j +
+    grad_e_ij / var_j)`` to ``dL/dV_ij``: a sum of outer products of per-child and per-parent
+    factors, scaled elementwise by ``V``. The factors of all iterations are collected and
+    ``dL/dV`` is formed once at the end with two batched matmuls, instead of a few
+    vote-sized passes per iteration. ``V`` enters centred on the last parent means ``c``
+    (``V - c``) so that no large terms cancel.
     """
     g, o, i, d = votes.shape
     go = g * o
-    vf = votes.view(go, i, d)
-    diff = torch.empty_like(vf)  # V - mu
-    work = torch.empty_like(vf)  # (V - mu)^2, then the coefficient of diff in grad_V
-    grad_votes = torch.empty_like(vf)
     eps, floor, geometry = config.eps, config.var_floor, config.geometry
+    last = len(config.lambdas) - 1
+    centre = saved[4 * last + 1]  # mu of the last iteration: (G, O, D)
+    vc = torch.sub(votes.view(go, i, d), centre.view(go, 1, d))  # V - c
+    work = torch.empty_like(vc)  # (V - mu)^2 of the current iteration
     a = act.unsqueeze(1)
     grad_act = act.new_zeros(g, i)
     grad_bu = beta_u.new_zeros(g, o)
@@ -815,7 +843,9 @@ def _em_backward(
     grad_mu_t = grad_mu if grad_mu is not None else zeros_od
     grad_logit_t = grad_logit if grad_logit is not None else votes.new_zeros(g, o)
     grad_next = None  # gradient w.r.t. the assignments R^{t+1} computed by E-step t
-    last = len(config.lambdas) - 1
+    child_factors: list[Tensor] = []  # (G, O, I) each
+    scale_factors: list[Tensor] = []  # (G, O, D): coefficient of (V - c) in dL/dV
+    const_factors: list[Tensor] = []  # (G, O, D): the rest
     for t in reversed(range(len(config.lambdas))):
         lam = config.lambdas[t]
         assign, mu, var_raw, logit = saved[4 * t : 4 * t + 4]
@@ -825,10 +855,9 @@ def _em_backward(
         var = var_raw + floor
         log_var = var.log()
         inv_var = var.reciprocal()
-        torch.sub(vf, mu.view(go, 1, d), out=diff)
-        torch.mul(diff, diff, out=work)
+        shift = mu - centre  # mu_t - c, so V - mu_t = (V - c) - shift
+        torch.sub(vc, shift.view(go, 1, d), out=work).square_()
         grad_mu_acc, grad_var, grad_logit_acc = grad_mu_t, zeros_od, grad_logit_t
-        grad_e = None
         if t < last:
             # E-step t: R^{t+1} = normalise_j(L_ij) with
             # L_ij = -0.5 E_ij - 0.5 sum_h (log var_j^h + log 2pi) + logsigmoid(logit_j),
@@ -845,17 +874,19 @@ def _em_backward(
             ge = grad_e.view(go, 1, i)
             grad_inv_var = torch.bmm(ge, work).view(g, o, d)
             grad_var = -0.5 * grad_l_sum.unsqueeze(-1) * inv_var - grad_inv_var * inv_var * inv_var
-            grad_mu_acc = grad_mu_acc - 2.0 * inv_var * torch.bmm(ge, diff).view(g, o, d)
-        # M-step t, through the small tensors by autograd: (s, log var) -> cost -> logit.
-        with torch.enable_grad():
-            s_ = s.detach().requires_grad_()
-            lv_ = log_var.detach().requires_grad_()
-            bu_ = beta_u.detach().requires_grad_()
-            cost = _em_cost(s_, lv_, bu_, config.normalize_cost, eps)
-            grad_s, grad_lv, g_bu = torch.autograd.grad(cost, (s_, lv_, bu_), -lam * grad_logit_acc)
+            # sum_i grad_e_ij (V_ij - mu_j) = sum_i grad_e_ij (V_ij - c_j) - shift_j sum_i grad_e_ij
+            ge_diff = torch.bmm(ge, vc).view(g, o, d) + shift * (0.5 * grad_l_sum).unsqueeze(-1)
+            grad_mu_acc = grad_mu_acc - 2.0 * inv_var * ge_diff
+            child_factors.append(grad_e)
+            scale_factors.append(2.0 * inv_var)
+            const_factors.append(-2.0 * shift * inv_var)
+        # M-step t: logit = lam (beta_a - cost), cost = s (D beta_u + 0.5 sum_h log var^h)
         grad_ba += lam * grad_logit_acc
-        grad_bu += g_bu
-        grad_var = grad_var + grad_lv * inv_var  # log_var = log(var)
+        grad_cost = _em_cost_backward(s, log_var, beta_u, -lam * grad_logit_acc, config)
+        per_entry = beta_u * d + 0.5 * log_var.sum(-1)
+        grad_s = grad_cost * per_entry
+        grad_bu += grad_cost * s * d
+        grad_var = grad_var + (0.5 * grad_cost * s).unsqueeze(-1) * inv_var  # log var
         # var = Q / n + floor, Q_j^h = sum_i R'_ij (V_ij^h - mu_j^h)^2
         grad_q = grad_var / n
         grad_n = -(grad_var * var_raw).sum(-1)
@@ -865,17 +896,14 @@ def _em_backward(
         grad_p = grad_mu_acc / n
         grad_n = (grad_n - (grad_mu_acc * mu).sum(-1)) / n.squeeze(-1)
         grad_s = grad_s + grad_n  # n = s + eps
-        grad_w = grad_s.unsqueeze(-1) + torch.bmm(vf, grad_p.view(go, d, 1)).view(g, o, i)
+        # dP/dR' = V = (V - c) + c; dQ/dR' = (V - mu)^2
+        grad_w = (grad_s + (grad_p * centre).sum(-1)).unsqueeze(-1)
+        grad_w = grad_w + torch.bmm(vc, grad_p.view(go, d, 1)).view(g, o, i)
         grad_w += torch.bmm(work, grad_q.view(go, d, 1)).view(g, o, i)
-        # dL/dV_ij = R'_ij grad_p_j + 2 (V_ij - mu_j) (R'_ij grad_q_j + grad_e_ij / var_j)
-        torch.mul(weights.view(go, i, 1), 2.0 * grad_q.view(go, 1, d), out=work)
-        if grad_e is not None:
-            work.addcmul_(grad_e.view(go, i, 1), inv_var.view(go, 1, d), value=2.0)
-        if t == last:
-            torch.mul(diff, work, out=grad_votes)
-        else:
-            grad_votes.addcmul_(diff, work)
-        grad_votes.addcmul_(weights.view(go, i, 1), grad_p.view(go, 1, d))
+        # dL/dV_ij += R'_ij grad_p_j + 2 (V_ij - mu_j) R'_ij grad_q_j
+        child_factors.append(weights)
+        scale_factors.append(2.0 * grad_q)
+        const_factors.append(grad_p - 2.0 * shift * grad_q)
         # R'_ij = R_ij a_i
         grad_act += (grad_w * assign).sum(1)
         grad_next = grad_w * a
@@ -883,6 +911,11 @@ def _em_backward(
             grad_next = grad_next + grad_assign
         grad_mu_t = zeros_od
         grad_logit_t = votes.new_zeros(g, o)
+    k = len(child_factors)
+    left = torch.stack(child_factors, dim=-1).view(go, i, k)
+    torch.bmm(left, torch.stack(scale_factors, dim=-2).view(go, k, d), out=work)
+    grad_votes = torch.bmm(left, torch.stack(const_factors, dim=-2).view(go, k, d))
+    grad_votes.addcmul_(vc, work)
     return grad_votes.view(g, o, i, d), grad_act, grad_bu, grad_ba
 
 
