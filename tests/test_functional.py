@@ -58,7 +58,9 @@ def ref_m_step(votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost)
         mu = sum(rp[i] * votes[i, j] for i in range(n_in)) / (total + eps)
         var = sum(rp[i] * (votes[i, j] - mu) ** 2 for i in range(n_in)) / (total + eps)
         var = var + var_floor
-        cost = sum((float(beta_u[j]) + math.log(math.sqrt(float(var[h])))) * total for h in range(dim))
+        cost = sum(
+            (float(beta_u[j]) + math.log(math.sqrt(float(var[h])))) * total for h in range(dim)
+        )
         mus.append(mu)
         variances.append(var)
         costs.append(cost)
@@ -88,14 +90,16 @@ def ref_e_step(votes, mus, variances, acts):
     return R
 
 
-def ref_em_routing(votes, a, beta_u, beta_a, lambdas, normalize_cost=False, var_floor=1e-6,
-                   eps=1e-8):
+def ref_em_routing(
+    votes, a, beta_u, beta_a, lambdas, normalize_cost=False, var_floor=1e-6, eps=1e-8
+):
     """[H18] Procedure 1 for one group, loops over i, j, h. votes: (I, O, D), a: (I,)."""
     n_in, n_out, _ = votes.shape
     R = [[1.0 / n_out] * n_out for _ in range(n_in)]
     for t, lam in enumerate(lambdas):
-        mus, variances, acts = ref_m_step(votes, a, R, beta_u, beta_a, lam, var_floor, eps,
-                                          normalize_cost)
+        mus, variances, acts = ref_m_step(
+            votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost
+        )
         if t < len(lambdas) - 1:
             R = ref_e_step(votes, mus, variances, acts)
     return torch.stack(mus), torch.tensor(acts, dtype=DT), torch.tensor(R, dtype=DT)
@@ -113,7 +117,9 @@ class TestSquash:
 
     def test_dim_argument(self):
         s = rand(3, 8, 5)
-        torch.testing.assert_close(CF.squash(s, dim=1), CF.squash(s.transpose(1, 2)).transpose(1, 2))
+        torch.testing.assert_close(
+            CF.squash(s, dim=1), CF.squash(s.transpose(1, 2)).transpose(1, 2)
+        )
 
     @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
     def test_direction_kept_length_below_one(self, scale):
@@ -148,8 +154,10 @@ class TestSquash:
 
 
 class TestDynamicRouting:
-    @pytest.mark.parametrize("shape,iterations", [((2, 6, 3, 4), 3), ((1, 9, 5, 8), 1),
-                                                  ((3, 4, 2, 16), 2), ((2, 3, 7, 4, 5), 3)])
+    @pytest.mark.parametrize(
+        "shape,iterations",
+        [((2, 6, 3, 4), 3), ((1, 9, 5, 8), 1), ((3, 4, 2, 16), 2), ((2, 3, 7, 4, 5), 3)],
+    )
     def test_matches_loops(self, shape, iterations):
         u_hat = rand(*shape, seed=sum(shape))
         v, c = CF.dynamic_routing(u_hat, iterations)
@@ -251,7 +259,11 @@ class TestEMRouting:
             votes, acts, beta_u, beta_a, len(lambdas), lambdas, normalize_cost=normalize
         )
         fv, fa = votes.reshape(-1, n_in, n_out, dim), acts.reshape(-1, n_in)
-        fp, foa, fR = poses.reshape(-1, n_out, dim), out_a.reshape(-1, n_out), R.reshape(-1, n_in, n_out)
+        fp, foa, fR = (
+            poses.reshape(-1, n_out, dim),
+            out_a.reshape(-1, n_out),
+            R.reshape(-1, n_in, n_out),
+        )
         for n in range(fv.shape[0]):
             rp, ra, rR = ref_em_routing(fv[n], fa[n], beta_u, beta_a, lambdas, normalize)
             torch.testing.assert_close(fp[n], rp)
@@ -405,9 +417,16 @@ def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas
         totals = {}
         for (p, s, _j), value in logits.items():
             totals.setdefault(child_of(p, s), []).append(value)
-        norm = {c: max(v) + math.log(sum(math.exp(x - max(v)) for x in v)) for c, v in totals.items()}
-        R = [[[math.exp(logits[(p, s, j)] - norm[child_of(p, s)]) for j in range(n_out)]
-              for s in range(n_slots)] for p in range(n_pos)]
+        norm = {
+            c: max(v) + math.log(sum(math.exp(x - max(v)) for x in v)) for c, v in totals.items()
+        }
+        R = [
+            [
+                [math.exp(logits[(p, s, j)] - norm[child_of(p, s)]) for j in range(n_out)]
+                for s in range(n_slots)
+            ]
+            for p in range(n_pos)
+        ]
     mus = torch.stack([torch.stack(pp[0]) for pp in per_pos])
     acts_out = torch.tensor([pp[2] for pp in per_pos], dtype=DT)
     return mus, acts_out, torch.tensor(R, dtype=DT)
@@ -422,8 +441,10 @@ def gather_children(grid, k, stride):
 
 
 class TestConvEMRouting:
-    @pytest.mark.parametrize("in_size,k,stride,n_types,n_out",
-                             [((4, 4), 3, 1, 2, 3), ((5, 4), 3, 2, 1, 2), ((3, 5), 2, 1, 2, 2)])
+    @pytest.mark.parametrize(
+        "in_size,k,stride,n_types,n_out",
+        [((4, 4), 3, 1, 2, 3), ((5, 4), 3, 2, 1, 2), ((3, 5), 2, 1, 2, 2)],
+    )
     def test_matches_loops(self, in_size, k, stride, n_types, n_out):
         h, w = in_size
         g = torch.Generator().manual_seed(h * w + k)
@@ -437,11 +458,19 @@ class TestConvEMRouting:
         beta_u, beta_a = rand(n_out, seed=7, scale=0.3), rand(n_out, seed=8, scale=0.3)
         lambdas = [0.1, 0.2, 0.3]
         poses, out_a, R = CF.conv_em_routing(
-            votes, acts, beta_u, beta_a, in_size=in_size, kernel_size=k, stride=stride,
-            iterations=3, inverse_temperatures=lambdas,
+            votes,
+            acts,
+            beta_u,
+            beta_a,
+            in_size=in_size,
+            kernel_size=k,
+            stride=stride,
+            iterations=3,
+            inverse_temperatures=lambdas,
         )
-        rp, ra, rR = ref_conv_em_routing(votes[0], acts[0], beta_u, beta_a, in_size, k, stride,
-                                         lambdas)
+        rp, ra, rR = ref_conv_em_routing(
+            votes[0], acts[0], beta_u, beta_a, in_size, k, stride, lambdas
+        )
         torch.testing.assert_close(poses[0], rp)
         torch.testing.assert_close(out_a[0], ra)
         torch.testing.assert_close(R[0], rR)
@@ -450,8 +479,9 @@ class TestConvEMRouting:
         h, w, k, s, n_types, n_out = 6, 5, 3, 1, 2, 3
         votes = gather_children(rand(2, h, w, n_types, n_out, 16), k, s)
         acts = gather_children(torch.rand(2, h, w, n_types, dtype=DT), k, s)
-        _, _, R = CF.conv_em_routing(votes, acts, 0.0, 0.0, in_size=(h, w), kernel_size=k,
-                                     stride=s, iterations=3)
+        _, _, R = CF.conv_em_routing(
+            votes, acts, 0.0, 0.0, in_size=(h, w), kernel_size=k, stride=s, iterations=3
+        )
         idx = CF.conv_children_index((h, w), k, s)
         child = (idx[:, :, None] * n_types + torch.arange(n_types)).reshape(-1)
         per_slot = R.sum(-1).reshape(2, -1)
@@ -461,8 +491,17 @@ class TestConvEMRouting:
     def test_one_position_equals_em_routing(self):
         """With a single parent position every child feeds only it: same as em_routing."""
         votes, acts = rand(2, 1, 18, 3, 16), torch.rand(2, 1, 18, dtype=DT)
-        a = CF.conv_em_routing(votes, acts, 0.1, 0.2, in_size=(3, 3), kernel_size=3, stride=1,
-                               iterations=3, inverse_temperatures=[0.1, 0.2, 0.3])
+        a = CF.conv_em_routing(
+            votes,
+            acts,
+            0.1,
+            0.2,
+            in_size=(3, 3),
+            kernel_size=3,
+            stride=1,
+            iterations=3,
+            inverse_temperatures=[0.1, 0.2, 0.3],
+        )
         b = CF.em_routing(votes, acts, 0.1, 0.2, 3, [0.1, 0.2, 0.3])
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y)
@@ -473,27 +512,49 @@ class TestConvEMRouting:
         acts.requires_grad_()
 
         def fn(v, a):
-            return CF.conv_em_routing(v, a, 0.1, 0.1, in_size=(3, 3), kernel_size=2, stride=1,
-                                      iterations=3, inverse_temperatures=[0.1, 0.2, 0.3])
+            return CF.conv_em_routing(
+                v,
+                a,
+                0.1,
+                0.1,
+                in_size=(3, 3),
+                kernel_size=2,
+                stride=1,
+                iterations=3,
+                inverse_temperatures=[0.1, 0.2, 0.3],
+            )
 
         assert torch.autograd.gradcheck(fn, (votes, acts))
 
     def test_degenerate_inputs_finite(self):
         votes = torch.zeros(2, 4, 18, 3, 16, dtype=DT, requires_grad=True)
         acts = torch.zeros(2, 4, 18, dtype=DT, requires_grad=True)
-        outs = CF.conv_em_routing(votes, acts, 0.0, 0.0, in_size=(4, 4), kernel_size=3,
-                                  stride=1)
+        outs = CF.conv_em_routing(votes, acts, 0.0, 0.0, in_size=(4, 4), kernel_size=3, stride=1)
         (outs[0].sum() + outs[1].sum()).backward()
         for t in (*outs, votes.grad, acts.grad):
             assert torch.isfinite(t).all()
 
     def test_wrong_geometry_is_an_error(self):
         with pytest.raises(ValueError, match="parent positions"):
-            CF.conv_em_routing(torch.randn(1, 5, 18, 3, 16), torch.rand(1, 5, 18), 0.0, 0.0,
-                               in_size=(4, 4), kernel_size=3, stride=1)
+            CF.conv_em_routing(
+                torch.randn(1, 5, 18, 3, 16),
+                torch.rand(1, 5, 18),
+                0.0,
+                0.0,
+                in_size=(4, 4),
+                kernel_size=3,
+                stride=1,
+            )
         with pytest.raises(ValueError, match="K\\*K\\*B"):
-            CF.conv_em_routing(torch.randn(1, 4, 17, 3, 16), torch.rand(1, 4, 17), 0.0, 0.0,
-                               in_size=(4, 4), kernel_size=3, stride=1)
+            CF.conv_em_routing(
+                torch.randn(1, 4, 17, 3, 16),
+                torch.rand(1, 4, 17),
+                0.0,
+                0.0,
+                in_size=(4, 4),
+                kernel_size=3,
+                stride=1,
+            )
 
 
 # --------------------------------------------------------------------------- losses
@@ -527,18 +588,23 @@ class TestLosses:
         assert out.item() == pytest.approx(ref_margin(lengths, targets))
         kw = dict(m_plus=0.8, m_minus=0.2, lambda_=0.25)
         assert CF.margin_loss(lengths, targets, **kw).item() == pytest.approx(
-            ref_margin(lengths, targets, 0.8, 0.2, 0.25))
+            ref_margin(lengths, targets, 0.8, 0.2, 0.25)
+        )
 
     def test_margin_loss_one_hot_and_multi_hot(self):
         lengths = torch.rand(4, 5, dtype=DT)
         targets = torch.tensor([1, 0, 4, 2])
         one_hot = torch.nn.functional.one_hot(targets, 5).to(DT)
-        torch.testing.assert_close(CF.margin_loss(lengths, one_hot), CF.margin_loss(lengths, targets))
+        torch.testing.assert_close(
+            CF.margin_loss(lengths, one_hot), CF.margin_loss(lengths, targets)
+        )
         two = one_hot.clone()
         two[:, 3] = 1.0
         per = CF.margin_loss(lengths, two, reduction="none")
-        expect = (two * (0.9 - lengths).clamp(min=0) ** 2
-                  + 0.5 * (1 - two) * (lengths - 0.1).clamp(min=0) ** 2).sum(-1)
+        expect = (
+            two * (0.9 - lengths).clamp(min=0) ** 2
+            + 0.5 * (1 - two) * (lengths - 0.1).clamp(min=0) ** 2
+        ).sum(-1)
         torch.testing.assert_close(per, expect)
 
     def test_margin_loss_zero_when_perfect(self):
@@ -551,7 +617,8 @@ class TestLosses:
         targets = torch.tensor([0, 5, 2, 2, 4])
         for m in (0.2, 0.5, 0.9):
             assert CF.spread_loss(acts, targets, m).item() == pytest.approx(
-                ref_spread(acts, targets, m))
+                ref_spread(acts, targets, m)
+            )
 
     def test_spread_margin_schedule(self):
         assert CF.spread_margin(0) == pytest.approx(0.2)
@@ -564,7 +631,8 @@ class TestLosses:
         expect = sum(float(((recon[n] - images[n].flatten()) ** 2).sum()) for n in range(3)) / 3
         assert CF.reconstruction_loss(recon, images).item() == pytest.approx(expect)
         assert CF.reconstruction_loss(recon, images, reduction="sum").item() == pytest.approx(
-            expect * 3)
+            expect * 3
+        )
 
     def test_reductions(self):
         lengths, targets = torch.rand(4, 3, dtype=DT), torch.tensor([0, 1, 2, 0])
