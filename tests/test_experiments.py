@@ -548,3 +548,28 @@ def test_protocol_cli_builds_configs_from_recipes():
     args = parser.parse_args(["experiment", "affnist-protocol"])
     configs = experiment_cli._protocol_configs(args)
     assert configs["capsules"].dataset == configs["cnn"].dataset == "mnist_shifted40"
+    assert not configs["capsules"].download
+    args = parser.parse_args(["experiment", "viewpoint", "--download", "--num-threads", "1"])
+    configs = experiment_cli._protocol_configs(args, mode=args.mode)
+    assert configs["capsules"].download and configs["cnn"].download
+
+
+def test_protocol_reads_the_novel_set_with_the_configs_download_flag(monkeypatch, tmp_path):
+    """The novel test set is read before any training, so --download must reach it too."""
+    from capsnet import data
+    from capsnet.config import RunConfig
+
+    seen = {}
+
+    def fake_create(name, split="train", root=None, download=False, **kwargs):
+        seen.update(name=name, split=split, download=download)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(data, "create", fake_create)
+    config = RunConfig(model="hinton_cnn", dataset="mnist", download=True)
+    with pytest.raises(RuntimeError, match="stop here"):
+        experiments.generalization_protocol(
+            {"cnn": config}, tmp_path, familiar=("mnist", "test", {}),
+            novel=("mnist", "train", {}), experiment="demo", title="Demo",
+        )  # fmt: skip
+    assert seen == {"name": "mnist", "split": "train", "download": True}

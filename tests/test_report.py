@@ -18,7 +18,17 @@ def fake_run(tmp_path):
     (run / "config.json").write_text(
         json.dumps({"model": "capsnet", "dataset": "mnist", "lr": 1e-3})
     )
-    rows = [{"kind": "start", "step": 0, "model": "capsnet"}]
+    rows = [
+        {
+            "kind": "start",
+            "step": 0,
+            "model": "capsnet",
+            "parameters": 1234,
+            "steps_per_epoch": 10,
+            "world_size": 2,
+            "command": "capsnet train --recipe quickstart --epochs 3",
+        }
+    ]
     for epoch in (1, 2, 3):
         rows.append(
             {
@@ -47,7 +57,14 @@ def fake_run(tmp_path):
         f.write("{not json\n")  # a torn last line must not break the report
     (run / "evaluation.json").write_text(
         json.dumps(
-            {"split": "test", "accuracy": 0.93, "error": 0.07, "confusion": [[1, 0], [0, 1]]}
+            {
+                "split": "test",
+                "accuracy": 0.93,
+                "error": 0.07,
+                "confusion": [[1, 0], [0, 1]],
+                "per_class_accuracy": [0.875, 0.985],
+                "classes": ["zero", "one"],
+            }
         )
     )
     return run
@@ -72,7 +89,21 @@ def test_report_is_self_contained(tmp_path):
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(https?:|file:|/)', page)  # nothing external
     assert "0.9300" in page  # the final accuracy
-    assert "<table>" in page and "report_training_curves.png" not in page.split("<body>")[0]
+    assert "<table" in page and "report_training_curves.png" not in page.split("<body>")[0]
+    # every figure is numbered and says what it shows and which command made it
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)
+    assert len(captions) == 2
+    assert (
+        "Figure 1." in captions[0] and "capsnet train --recipe quickstart --epochs 3" in captions[0]
+    )
+    assert "Figure 2." in captions[1] and "rotation applied to the test images" in captions[1]
+    assert "Made by <code>" in captions[1]
+    # tables scroll sideways in a narrow window instead of widening the page
+    assert page.count("<table") == page.count('<div class="scroll"><table') + page.count(
+        "<td><table"
+    )
+    assert "2 ranks" in page and "per epoch (global batch)" in page
+    assert "0.8750" in page and "zero" in page  # per-class accuracy
 
 
 def test_report_without_experiments_says_how_to_run_them(tmp_path):
@@ -135,3 +166,73 @@ def test_report_of_an_experiment_folder(tmp_path):
     page = report.build_report(folder).read_text()
     assert "Novel viewpoints (azimuth)" in page and "0.1300" in page
     assert 'id="training"' not in page  # no training section for a folder without a run
+
+
+def _png(path, width=40, height=30):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(width / 10, height / 10), dpi=10)
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def test_figure_series_share_one_captioned_gallery_and_sections_follow_the_docs(tmp_path):
+    run = fake_run(tmp_path)
+    routing = run / "experiments" / "routing"
+    routing.mkdir(parents=True)
+    names = [
+        _png(routing / name)
+        for name in ("couplings_0.png", "vote_distances_0.png", "couplings_1.png")
+    ]
+    record = experiments.make_record(
+        "routing", "Routing diagnostics", settings={"nested": {"a": 1, "b": [1, 2]}},
+        models={"capsnet": {"class": "CapsNet", "parameters": 10}}, results={},
+        figures=[*names, "gone_0.png"], summary=[{"iteration": 1, "true_assignment": 0.5}],
+    )  # fmt: skip
+    record["created"] = "2001-01-01T00:00:00+00:00"  # older than the attack record below
+    experiments.write_json(routing / "routing.json", record)
+    attack = experiments.make_record(
+        "attack", "Adversarial robustness", settings={}, models={}, results={}, figures=[]
+    )
+    attack["created"] = "2002-01-01T00:00:00+00:00"
+    experiments.write_json(run / "experiments" / "attack_model_loss" / "attack.json", attack)
+    page = report.build_report(run).read_text()
+    # docs order (attack first), whatever the creation times; nav names the folders
+    assert page.index("Adversarial robustness") < page.index("Routing diagnostics")
+    assert ">attack_model_loss</a>" in page
+    figures = re.findall(r"<figure>(.*?)</figure>", page, re.S)
+    assert len(figures) == 3  # curves, couplings_0 + couplings_1, vote_distances_0
+    couplings = next(f for f in figures if "couplings_0.png, couplings_1.png" in f)
+    assert couplings.count("<img") == 2 and 'class="gallery"' in couplings
+    assert "flex-basis" in couplings and "max-width: 40px" in couplings  # never upscaled
+    assert "Coupling coefficients" in couplings
+    assert "missing" in page and "gone_0.png" in page  # a lost file is named, not hidden
+    assert '<table class="kv"><tbody><tr><td>a</td>' in page  # nested settings as a table
+
+
+def test_report_of_an_old_run_without_a_recorded_command(tmp_path):
+    run = fake_run(tmp_path)
+    rows = [r for r in report.read_metrics(run / "metrics.jsonl") if r["kind"] != "start"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.json").write_text(json.dumps({"model": "capsnet", "recipe": "quickstart"}))
+    page = report.build_report(run).read_text()
+    assert "capsnet train --recipe quickstart ..." in page
+
+
+def test_capsnet_command_has_the_experiment_subcommands(tmp_path, capsys):
+    """`capsnet attack|experiment|report` are reachable from the installed `capsnet` entry
+    point (capsnet.cli.main), not only from capsnet.experiment_cli."""
+    from capsnet import cli
+
+    run = fake_run(tmp_path)
+    assert cli.main(["report", str(run)]) == 0
+    assert "report written to" in capsys.readouterr().out
+    for argv in (["attack", "--help"], ["experiment", "routing", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+        assert "--num-threads" in capsys.readouterr().out

@@ -8,6 +8,9 @@
     capsnet evaluate runs/quickstart                  # error, per-class accuracy, confusion
     capsnet recipes                                   # the papers' settings
     capsnet models / capsnet datasets
+    capsnet attack runs/quickstart                    # FGSM / BIM sweeps (capsnet.experiment_cli)
+    capsnet experiment routing runs/quickstart        # the papers' experiments
+    capsnet report runs/quickstart                    # one HTML page with everything
 
 ``capsnet train`` flags are the fields of :class:`capsnet.config.RunConfig` (``--lr``,
 ``--batch-size``, ...); given flags override the recipe, the recipe overrides the defaults.
@@ -68,7 +71,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="capsnet", description="Capsule networks: train, evaluate, list recipes."
+        prog="capsnet",
+        description="Capsule networks: train, evaluate, attack, run experiments, report.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -99,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="print this recipe's file")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("datasets", help="list the datasets")
+
+    from capsnet.experiment_cli import register_cli
+
+    register_cli(sub)  # attack, experiment ..., report (each parser sets args.handler)
     return parser
 
 
@@ -231,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _models,
         "datasets": _datasets,
     }
-    return handlers[args.command](args)
+    handler = handlers.get(args.command) or args.handler
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,13 @@ def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_flag(p)
+
+
+def _threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--num-threads", type=int, help="CPU threads for torch (default: torch's default)"
+    )
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -162,10 +169,16 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
         help="CNN constructor argument; repeatable",
     )
     p.add_argument("--data-root", help="data folder")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download missing data (same as --set download=true)",
+    )
     p.add_argument("--max-examples", type=int, default=0, help="novel test examples (0: all)")
     p.add_argument("--out", help="output folder (default: runs/experiments/<experiment>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=250, help="novel evaluation batch size")
+    _threads_flag(p)
 
 
 def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -339,6 +352,10 @@ def _done(record: dict[str, Any], out: Path) -> int:
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapper(args: argparse.Namespace) -> int:
+        if getattr(args, "num_threads", None):
+            import torch
+
+            torch.set_num_threads(args.num_threads)
         try:
             return fn(args)
         except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as err:
@@ -489,6 +506,8 @@ def _protocol_configs(args: argparse.Namespace, **names: str) -> dict[str, Any]:
         common["epochs"] = args.epochs
     if args.data_root:
         common["data_root"] = args.data_root
+    if getattr(args, "download", False):
+        common["download"] = True
     if args.device != "auto":
         common["device"] = args.device
     configs = {}

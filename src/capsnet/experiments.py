@@ -988,7 +988,7 @@ def affine_test_set(
     try:
         return data.create("affnist", split="test", root=data_root, download=download)
     except (RuntimeError, FileNotFoundError):
-        return data.create("affnist_generated", split="test", root=data_root)
+        return data.create("affnist_generated", split="test", root=data_root, download=download)
 
 
 def affnist_experiment(
@@ -1171,8 +1171,11 @@ def generalization_protocol(
     out_dir = Path(out_dir)
     device = resolve_device(device)
     novel_name, novel_split, novel_kwargs = novel
-    root = next(iter(configs.values())).data_root
-    novel_set = data.create(novel_name, split=novel_split, root=root, **dict(novel_kwargs))
+    first = next(iter(configs.values()))
+    root, download = first.data_root, first.download  # the novel set is read before training
+    novel_set = data.create(
+        novel_name, split=novel_split, root=root, download=download, **dict(novel_kwargs)
+    )
     curves: dict[str, dict[str, list[float]]] = {}
     for label, config in configs.items():
         run_dir = out_dir / "runs" / label
@@ -1340,8 +1343,8 @@ def affnist_protocol(
         label: dataclasses.replace(c, dataset="mnist_shifted40", eval_split="test")
         for label, c in configs.items()
     }
-    root = next(iter(configs.values())).data_root
-    affine_set = affine_test_set(affine, data_root=root)
+    first = next(iter(configs.values()))
+    affine_set = affine_test_set(affine, data_root=first.data_root, download=first.download)
     notes = [
         "Paper ([S17] §5.2): CapsNet 79 % vs CNN 66 % accuracy on affNIST at matched "
         "99.23 % / 99.22 % on the expanded MNIST test set.",

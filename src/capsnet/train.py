@@ -189,6 +189,15 @@ class _Meter:
         return loss / max(n, 1), correct / max(n, 1), int(n)
 
 
+def _command_line() -> str:
+    """The command that is running, as typed (``capsnet ...``; under torchrun the ranks
+    run ``python -m capsnet``, recorded as ``capsnet ...`` next to ``world_size``)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("capsnet", "__main__.py", "cli.py"):
+        argv[0] = "capsnet"
+    return " ".join(argv)
+
+
 class Trainer:
     """Builds data, model, optimiser and schedule from a config and runs the epochs."""
 
@@ -349,6 +358,7 @@ class Trainer:
             "kind": "start", "step": st["step"], "model": cfg.model, "dataset": cfg.dataset,
             "parameters": params, "world_size": self.ctx.world_size, "device": str(self.device),
             "train_images": len(self.train_ds), "steps_per_epoch": self.steps_per_epoch,
+            "command": _command_line(),
         })  # fmt: skip
         final = None
         for epoch in range(st["epoch"], cfg.epochs):
