@@ -66,6 +66,18 @@ def test_resume_rejects_changes(data_root, tmp_path, capsys):
     assert "lr cannot change" in err and "epochs" in err
 
 
+def test_resume_a_recipe_run_with_more_epochs(data_root, tmp_path, capsys):
+    """A run made with --recipe resumes with only --resume (and changeable flags): the
+    recipe name in its config.json is not compared with the absent --recipe."""
+    run = tmp_path / "run"
+    assert main(["train", *tiny_flags(data_root, run), "--epochs", "1"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "recipe": "quickstart"}))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "epoch 2/2" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

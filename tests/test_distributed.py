@@ -119,3 +119,6 @@ def test_single_process_context_and_helpers(monkeypatch):
     with pytest.raises(ValueError, match="RANK must be in"):
         monkeypatch.setenv("RANK", "5")
         distributed.setup("gloo", "cpu")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="'nccl' needs CUDA devices"):
+        distributed.setup("nccl", "cpu")

@@ -117,7 +117,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
     """The run config from ``--recipe``/``--resume`` and the explicit flags."""
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    # ``recipe`` is set by --recipe (``args.recipe`` is None without it), not a flag.
+    names = {f.name for f in dataclasses.fields(RunConfig)} - {"recipe"}
     given = {k: v for k, v in vars(args).items() if k in names}
     for key in ("model_kwargs", "data_kwargs"):
         if key in given:

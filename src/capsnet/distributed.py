@@ -104,6 +104,8 @@ def setup(backend: str = "auto", device: str = "auto", timeout: float = 300.0) -
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"dist_backend must be one of ('auto', 'gloo', 'nccl'), got {backend!r}")
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError(f"dist_backend 'nccl' needs CUDA devices, not {dev}; use gloo (or auto)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
@@ -122,7 +124,7 @@ def setup(backend: str = "auto", device: str = "auto", timeout: float = 300.0) -
             dist.destroy_process_group()
         raise RuntimeError(
             f"rank {rank} of {world_size} could not join the process group at {address} "
-            f"(backend {backend}, timeout {timeout:g} s): {err}. Check that all "
+            f"(backend {backend}, timeout {timeout:g} s): {str(err).rstrip('. ')}. Check that all "
             f"{world_size} processes were started and can reach MASTER_ADDR:MASTER_PORT, "
             f"or raise --dist-timeout."
         ) from err
