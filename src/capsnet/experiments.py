@@ -1144,7 +1144,7 @@ def generalization_protocol(
     ``<out_dir>/runs/<label>``) by its config, whose ``eval_split`` should be the familiar
     test split. After every epoch the trainer's evaluation gives the familiar error and the
     last checkpoint is evaluated on the novel test set. Then :func:`matched_checkpoints`
-    picks, per model, the first epoch at the common familiar error level, and the novel
+    picks, per model, the epoch closest to the common familiar error level, and the novel
     errors there are compared ([H18] §5.2 protocol). Interrupted runs continue where they
     stopped (per-epoch errors are kept in ``<run>/protocol.json``).
 
