@@ -124,6 +124,18 @@ def test_capture_routing_records_without_changing_results():
     assert L.CF.dynamic_routing is CF.dynamic_routing
 
 
+def test_capture_routing_records_convolutional_capsule_layers():
+    model = tiny_matrix()
+    x = torch.rand(2, 1, 28, 28)
+    plain = model(x)
+    with probes.capture_routing() as cap:
+        captured = model(x)
+    # The conv capsule layers route without storing votes; captured, they record them.
+    assert [c.kind for c in cap.calls] == ["conv_em", "conv_em", "em"]
+    torch.testing.assert_close(plain.scores, captured.scores)
+    assert CF.conv_matrix_capsules.__name__ == "conv_matrix_capsules"  # restored
+
+
 @pytest.mark.parametrize("which", ["dynamic", "em"])
 def test_routing_trace_matches_functional(which):
     model = tiny_capsnet() if which == "dynamic" else tiny_matrix()

@@ -38,6 +38,8 @@ __all__ = [
     "em_routing",
     "conv_em_routing",
     "conv_children_index",
+    "conv_capsule_votes",
+    "conv_matrix_capsules",
     "default_inverse_temperatures",
     "margin_loss",
     "spread_loss",
@@ -528,6 +530,210 @@ class _ConvGeometry(NamedTuple):
         return self.child_sum(ones) * out_caps
 
 
+def _check_conv_capsule_inputs(
+    poses: Tensor, activations: Tensor, weight: Tensor, kernel_size: int, stride: int
+) -> None:
+    _check_float("poses", poses)
+    _check_float("activations", activations)
+    _check_float("weight", weight)
+    if poses.ndim != 5 or poses.shape[-1] != 16:
+        raise ValueError(
+            f"poses must have shape (N, H, W, B, 16) (4x4 pose matrices), got {tuple(poses.shape)}"
+        )
+    if activations.shape != poses.shape[:-1]:
+        raise ValueError(
+            f"activations must have shape {tuple(poses.shape[:-1])} (poses.shape[:-1] = "
+            f"(N, H, W, B)), got {tuple(activations.shape)}"
+        )
+    if not (isinstance(kernel_size, int) and kernel_size >= 1):
+        raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
+    if not (isinstance(stride, int) and stride >= 1):
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    expected = (kernel_size * kernel_size, poses.shape[3])
+    if weight.ndim != 5 or tuple(weight.shape[:2]) != expected or weight.shape[3:] != (4, 4):
+        raise ValueError(
+            f"weight must have shape (K*K, B, O, 4, 4) = ({expected[0]}, {expected[1]}, O, 4, 4) "
+            f"for kernel_size={kernel_size} and B={poses.shape[3]} input types, "
+            f"got {tuple(weight.shape)}"
+        )
+
+
+def conv_capsule_votes(
+    poses: Tensor, activations: Tensor, weight: Tensor, kernel_size: int, stride: int
+) -> tuple[Tensor, Tensor]:
+    """Votes ``V = M W`` of a convolutional matrix-capsule layer, [H18] §3.
+
+    Every parent position (a valid, unpadded capsule convolution) reads the ``K*K*B``
+    children of its receptive field, ordered ``(kh, kw, b)``; each child's 4x4 pose ``M``
+    is multiplied by the transformation matrix ``W`` of its (kernel offset, type) and each
+    output type, shared across positions. The result is in the layout
+    :func:`conv_em_routing` takes. :func:`conv_matrix_capsules` computes the same votes
+    chunk by chunk inside the routing without storing them; use this function to look at
+    them.
+
+    Returns:
+        ``(votes, child_activations)``.
+
+    Shape:
+        - poses: ``(N, H, W, B, 16)``; activations: ``(N, H, W, B)``;
+          weight: ``(K*K, B, O, 4, 4)``.
+        - votes: ``(N, P, K*K*B, O, 16)`` (a transposed view of parent-major memory
+          ``(N, P, O, K*K*B, 16)``, which the routing kernels use without a copy);
+          child_activations: ``(N, P, K*K*B)``; ``P = H_out * W_out``.
+    """
+    _check_conv_capsule_inputs(poses, activations, weight, kernel_size, stride)
+    n, h, w, b, _ = poses.shape
+    index = conv_children_index((h, w), kernel_size, stride, device=poses.device)  # (P, KK)
+    positions, kk = index.shape
+    flat = index.reshape(-1)
+    children = poses.reshape(n, h * w, b, 4, 4).index_select(1, flat)
+    children = children.reshape(n, positions, kk, b, 4, 4)
+    child_act = activations.reshape(n, h * w, b).index_select(1, flat)
+    out_types = weight.shape[2]
+    votes = torch.einsum("npkbxy,kboyz->npokbxz", children, weight)
+    votes = votes.reshape(n, positions, out_types, kk * b, 16).transpose(2, 3)
+    return votes, child_act.reshape(n, positions, kk * b)
+
+
+ROUTING_MODES = ("faithful", "per_position")
+
+
+def conv_matrix_capsules(
+    poses: Tensor,
+    activations: Tensor,
+    weight: Tensor,
+    beta_u: Tensor | float,
+    beta_a: Tensor | float,
+    *,
+    kernel_size: int,
+    stride: int,
+    iterations: int = 3,
+    inverse_temperatures: Sequence[float] | None = None,
+    routing: str = "faithful",
+    normalize_cost: bool = False,
+    var_floor: float = 1e-6,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """A convolutional matrix-capsule layer, [H18] §3-4: votes and EM routing in one pass.
+
+    The same function as :func:`conv_capsule_votes` followed by :func:`conv_em_routing`
+    (``routing="faithful"``: each child normalised over every parent it feeds) or
+    :func:`em_routing` on each receptive field (``routing="per_position"``), computed
+    without ever storing the votes: on the CPU the examples are routed in chunks that fit
+    in the caches, each chunk's votes are computed, routed and dropped, and the backward
+    pass recomputes them. The vote tensor (``K*K*B*O*16`` numbers per parent position) is
+    by far the largest tensor of a matrix-capsule network; not keeping it makes training
+    faster and several times leaner (benchmarks/RESULTS.md). The results agree with the
+    two-step form to float rounding (tests/test_functional.py).
+
+    Args:
+        poses, activations: the child capsule grid.
+        weight: one 4x4 transformation matrix per (kernel offset, input type, output type).
+        beta_u, beta_a: broadcastable to ``(O,)``.
+        kernel_size, stride: of the valid, unpadded capsule convolution.
+        iterations, inverse_temperatures, normalize_cost, var_floor, eps: as in
+            :func:`em_routing`.
+        routing: ``"faithful"`` or ``"per_position"`` (see above).
+
+    Returns:
+        ``(out_poses, out_activations)``.
+
+    Shape:
+        - poses: ``(N, H, W, B, 16)``; activations: ``(N, H, W, B)``;
+          weight: ``(K*K, B, O, 4, 4)``.
+        - out_poses: ``(N, H_out, W_out, O, 16)``; out_activations: ``(N, H_out, W_out, O)``,
+          ``H_out = (H - K) // stride + 1``.
+    """
+    _check_conv_capsule_inputs(poses, activations, weight, kernel_size, stride)
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    lambdas = _resolve_temperatures(iterations, inverse_temperatures)
+    n, h, w, b, _ = poses.shape
+    index = conv_children_index((h, w), kernel_size, stride, device=poses.device)  # (P, KK)
+    positions, kk = index.shape
+    h_out, w_out = (h - kernel_size) // stride + 1, (w - kernel_size) // stride + 1
+    out_types = weight.shape[2]
+    i = kk * b
+    compute = _compute_dtype(poses)
+    betas = []
+    for name, beta in (("beta_u", beta_u), ("beta_a", beta_a)):
+        beta = torch.as_tensor(beta, device=poses.device)
+        try:
+            beta = torch.broadcast_to(beta.to(compute), (out_types,))
+        except RuntimeError:
+            raise ValueError(
+                f"{name} must be broadcastable to (O,) = ({out_types},), "
+                f"got shape {tuple(beta.shape)}"
+            ) from None
+        betas.append(beta.expand(n * positions, out_types))
+    geometry = _ConvGeometry.create(index, b, (h, w), n) if routing == "faithful" else None
+    config = _EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), geometry)
+    # Gather the receptive fields (small: 1/O of the votes) and lay them out for the
+    # vote products: children (N*P, K*K*B, 4, 4), W as (K*K*B, 4, O*4).
+    flat = index.reshape(-1)
+    children = poses.to(compute).reshape(n, h * w, b, 16).index_select(1, flat)
+    children = children.reshape(n * positions, i, 4, 4)
+    child_act = activations.to(compute).reshape(n, h * w, b).index_select(1, flat)
+    child_act = child_act.reshape(n * positions, i)
+    w_mat = weight.to(compute).permute(0, 1, 3, 2, 4).reshape(i, 4, out_types * 4)
+    if _needs_grad(children, child_act, w_mat, *betas):
+        mu, logit = _ConvCapsulesEM.apply(children, child_act, w_mat, *betas, config)
+    else:
+        mu, logit = _conv_capsules_forward(children, child_act, w_mat, *betas, config)[:2]
+    out = poses.dtype
+    return (
+        mu.reshape(n, h_out, w_out, out_types, 16).to(out),
+        torch.sigmoid(logit).reshape(n, h_out, w_out, out_types).to(out),
+    )
+
+
+def _conv_matrix_capsules_two_step(
+    poses: Tensor,
+    activations: Tensor,
+    weight: Tensor,
+    beta_u: Tensor | float,
+    beta_a: Tensor | float,
+    *,
+    kernel_size: int,
+    stride: int,
+    iterations: int = 3,
+    inverse_temperatures: Sequence[float] | None = None,
+    routing: str = "faithful",
+    normalize_cost: bool = False,
+    var_floor: float = 1e-6,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """:func:`conv_matrix_capsules` as :func:`conv_capsule_votes` + a routing call.
+
+    The tests' reference for the fused form, and what :func:`capsnet.probes.capture_routing`
+    substitutes so that the routing call (votes, assignments) can be recorded.
+    """
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    votes, child_act = conv_capsule_votes(poses, activations, weight, kernel_size, stride)
+    n, h, w = poses.shape[:3]
+    h_out, w_out = (h - kernel_size) // stride + 1, (w - kernel_size) // stride + 1
+    options = {
+        "iterations": iterations,
+        "inverse_temperatures": inverse_temperatures,
+        "normalize_cost": normalize_cost,
+        "var_floor": var_floor,
+        "eps": eps,
+    }
+    if routing == "faithful":
+        mu, act, _ = conv_em_routing(
+            votes, child_act, beta_u, beta_a, in_size=(h, w), kernel_size=kernel_size,
+            stride=stride, **options,
+        )  # fmt: skip
+    else:
+        mu, act, _ = em_routing(votes, child_act, beta_u, beta_a, **options)
+    out_types = weight.shape[2]
+    return (
+        mu.reshape(n, h_out, w_out, out_types, 16),
+        act.reshape(n, h_out, w_out, out_types),
+    )
+
+
 def _conv_em_routing_plain(
     votes: Tensor,
     activations: Tensor,
@@ -815,6 +1021,7 @@ def _em_backward(
     grad_mu: Tensor | None,
     grad_logit: Tensor | None,
     grad_assign: Tensor | None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward pass of :func:`_em_forward`, iterations in reverse order.
 
@@ -914,9 +1121,74 @@ def _em_backward(
     k = len(child_factors)
     left = torch.stack(child_factors, dim=-1).view(go, i, k)
     torch.bmm(left, torch.stack(scale_factors, dim=-2).view(go, k, d), out=work)
-    grad_votes = torch.bmm(left, torch.stack(const_factors, dim=-2).view(go, k, d))
+    grad_votes = torch.bmm(
+        left,
+        torch.stack(const_factors, dim=-2).view(go, k, d),
+        out=None if out is None else out.view(go, i, d),
+    )
     grad_votes.addcmul_(vc, work)
     return grad_votes.view(g, o, i, d), grad_act, grad_bu, grad_ba
+
+
+# Rows of the parent-major votes (G, O, I, D) are routed in chunks of about this many bytes
+# of votes: every iteration makes several passes over the votes, and a chunk that stays in
+# the CPU caches between passes is routed ~2x faster than one that streams from memory
+# (benchmarks/RESULTS.md). Chunks hold whole examples, so a capsule convolution's E-step,
+# which couples all positions of an example, is unchanged. Does not change any result.
+_EM_CHUNK_BYTES = 1000 << 20
+
+
+def _em_chunks(
+    rows: int, row_bytes: int, config: _EMConfig, device: torch.device
+) -> list[tuple[slice, _EMConfig]]:
+    """Split ``rows`` rows of parent-major votes into cache-sized chunks of whole examples.
+
+    ``row_bytes``: bytes of votes per row. Returns ``(row slice, config for the chunk)``.
+    """
+    geometry = config.geometry
+    rows_per_example = 1 if geometry is None else geometry.positions
+    examples = rows // rows_per_example
+    if device.type != "cpu":  # GPUs stream the whole tensor at once just fine
+        per_chunk = examples
+    else:
+        per_chunk = max(1, min(examples, _EM_CHUNK_BYTES // max(1, row_bytes * rows_per_example)))
+    chunks = []
+    for start in range(0, examples, per_chunk):
+        stop = min(examples, start + per_chunk)
+        cfg = config
+        if geometry is not None:
+            cfg = config._replace(
+                geometry=geometry._replace(
+                    child_id=geometry.child_id[: stop - start], batch=stop - start
+                )
+            )
+        chunks.append((slice(start * rows_per_example, stop * rows_per_example), cfg))
+    return chunks
+
+
+def _vote_rows(votes: Tensor) -> tuple[int, int]:
+    """Rows of parent-major votes ``(G, O, I, D)`` and bytes per row."""
+    return votes.shape[0], votes[0].numel() * votes.element_size()
+
+
+def _em_forward_chunked(
+    votes: Tensor, act: Tensor, beta_u: Tensor, beta_a: Tensor, config: _EMConfig
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """:func:`_em_forward` chunk by chunk (:func:`_em_chunks`), results concatenated.
+
+    The first iteration's saved assignments (a constant expanded over parents) are kept as
+    one row ``(G, 1, I)``; the backward pass expands them again.
+    """
+    outs, saved_chunks = [], []
+    with _no_autocast(votes):
+        for rows, cfg in _em_chunks(*_vote_rows(votes), config, votes.device):
+            *out, saved = _em_forward(votes[rows], act[rows], beta_u[rows], beta_a[rows], cfg)
+            saved[0] = saved[0][:, :1]
+            outs.append(out)
+            saved_chunks.append(saved)
+    mu, logit, assign = (x[0] if len(x) == 1 else torch.cat(x) for x in zip(*outs, strict=True))
+    saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
+    return mu, logit, assign, saved
 
 
 class _EMRouting(torch.autograd.Function):
@@ -924,10 +1196,8 @@ class _EMRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, votes, act, beta_u, beta_a, config: _EMConfig):  # noqa: D102
-        with _no_autocast(votes):
-            mu, logit, assign, saved = _em_forward(votes, act, beta_u, beta_a, config)
+        mu, logit, assign, saved = _em_forward_chunked(votes, act, beta_u, beta_a, config)
         ctx.config = config
-        ctx.num_saved = len(saved)
         ctx.save_for_backward(votes, act, beta_u, beta_a, *saved)
         ctx.set_materialize_grads(False)
         return mu, logit, assign
@@ -939,11 +1209,113 @@ class _EMRouting(torch.autograd.Function):
         grad_mu, grad_logit, grad_assign = (
             None if x is None else x.contiguous() for x in (grad_mu, grad_logit, grad_assign)
         )
+        o = votes.shape[1]
+        grad_votes = torch.empty_like(votes)
+        grads: list[list[Tensor]] = [[], [], []]
         with _no_autocast(votes):
-            grads = _em_backward(
-                votes, act, beta_u, beta_a, saved, ctx.config, grad_mu, grad_logit, grad_assign
-            )
-        return (*grads, None)
+            for rows, cfg in _em_chunks(*_vote_rows(votes), ctx.config, votes.device):
+                saved_rows = [x[rows] for x in saved]
+                saved_rows[0] = saved_rows[0].expand(-1, o, -1)
+                _, *rest = _em_backward(
+                    votes[rows],
+                    act[rows],
+                    beta_u[rows],
+                    beta_a[rows],
+                    saved_rows,
+                    cfg,
+                    *(None if x is None else x[rows] for x in (grad_mu, grad_logit, grad_assign)),
+                    out=grad_votes[rows],
+                )
+                for acc, x in zip(grads, rest, strict=True):
+                    acc.append(x)
+        return (grad_votes, *(torch.cat(x) for x in grads), None)
+
+
+def _conv_capsule_chunk_votes(children: Tensor, w_mat: Tensor) -> tuple[Tensor, Tensor]:
+    """Parent-major votes ``(g, O, I, 16)`` of ``children (g, I, 4, 4)``, ``w_mat (I, 4, O*4)``.
+
+    One batched matmul per child slot over all (parent position, pose row) pairs of the
+    chunk, then one copy into the routing layout. Also returns the slot-major children
+    ``(I, g*4, 4)`` that the matmul used (the backward pass needs them).
+    """
+    g, i = children.shape[:2]
+    o = w_mat.shape[-1] // 4
+    rows = children.transpose(0, 1).reshape(i, g * 4, 4)  # (I, (g, x), y)
+    products = torch.bmm(rows, w_mat)  # (I, (g, x), (o, z))
+    votes = products.view(i, g, 4, o, 4).permute(1, 3, 0, 2, 4).reshape(g, o, i, 16)
+    return votes, rows
+
+
+def _conv_capsules_forward(
+    children: Tensor, act: Tensor, w_mat: Tensor, beta_u: Tensor, beta_a: Tensor, config: _EMConfig
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Votes + :func:`_em_forward`, chunk by chunk; returns ``mu``, ``logit``, saved tensors."""
+    mus, logits, saved_chunks = [], [], []
+    with _no_autocast(children):
+        for rows, cfg in _em_chunks(children.shape[0], _chunk_row_bytes(children, w_mat), config,
+                                    children.device):  # fmt: skip
+            votes, _ = _conv_capsule_chunk_votes(children[rows], w_mat)
+            mu, logit, _, saved = _em_forward(votes, act[rows], beta_u[rows], beta_a[rows], cfg)
+            del votes
+            saved[0] = saved[0][:, :1]
+            mus.append(mu)
+            logits.append(logit)
+            saved_chunks.append(saved)
+    saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
+    return torch.cat(mus), torch.cat(logits), saved
+
+
+def _chunk_row_bytes(children: Tensor, w_mat: Tensor) -> int:
+    """Bytes of votes per row (parent position) of a capsule convolution."""
+    return children.shape[1] * w_mat.shape[-1] * 4 * children.element_size()
+
+
+class _ConvCapsulesEM(torch.autograd.Function):
+    """Votes + EM routing of a capsule convolution, votes recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, children, act, w_mat, beta_u, beta_a, config: _EMConfig):  # noqa: D102
+        mu, logit, saved = _conv_capsules_forward(children, act, w_mat, beta_u, beta_a, config)
+        ctx.config = config
+        ctx.save_for_backward(children, act, w_mat, beta_u, beta_a, *saved)
+        ctx.set_materialize_grads(False)
+        return mu, logit
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mu, grad_logit):  # noqa: D102
+        children, act, w_mat, beta_u, beta_a, *saved = ctx.saved_tensors
+        grad_mu, grad_logit = (None if x is None else x.contiguous() for x in (grad_mu, grad_logit))
+        g, i = children.shape[:2]
+        o = w_mat.shape[-1] // 4
+        grad_children = torch.empty_like(children)
+        grad_w = torch.zeros_like(w_mat)
+        grads: list[list[Tensor]] = [[], [], []]
+        with _no_autocast(children):
+            chunks = _em_chunks(g, _chunk_row_bytes(children, w_mat), ctx.config, children.device)
+            for rows, cfg in chunks:
+                votes, slot_rows = _conv_capsule_chunk_votes(children[rows], w_mat)
+                saved_rows = [x[rows] for x in saved]
+                saved_rows[0] = saved_rows[0].expand(-1, o, -1)
+                grad_votes, *rest = _em_backward(
+                    votes, act[rows], beta_u[rows], beta_a[rows], saved_rows, cfg,
+                    None if grad_mu is None else grad_mu[rows],
+                    None if grad_logit is None else grad_logit[rows],
+                    None, out=votes,
+                )  # fmt: skip
+                for acc, x in zip(grads, rest, strict=True):
+                    acc.append(x)
+                # Back through V = M W: the slot-major layout of the forward products.
+                n_rows = grad_votes.shape[0]
+                grad_products = (
+                    grad_votes.view(n_rows, o, i, 4, 4).permute(2, 0, 3, 1, 4)
+                    .reshape(i, n_rows * 4, o * 4)
+                )  # fmt: skip
+                grad_w.baddbmm_(slot_rows.transpose(1, 2), grad_products)
+                grad_rows = torch.bmm(grad_products, w_mat.transpose(1, 2))  # (I, (g, x), y)
+                grad_children[rows] = grad_rows.view(i, n_rows, 4, 4).transpose(0, 1)
+        grad_act, grad_bu, grad_ba = (torch.cat(x) for x in grads)
+        return grad_children, grad_act, grad_w, grad_bu, grad_ba, None
 
 
 def _em_routing_fast(
@@ -979,8 +1351,7 @@ def _em_routing_fast(
     if _needs_grad(v, act, bu, ba):
         mu, logit, assign = _EMRouting.apply(v, act, bu, ba, config)
     else:
-        with _no_autocast(v):
-            mu, logit, assign = _em_forward(v, act, bu, ba, config)[:3]
+        mu, logit, assign = _em_forward_chunked(v, act, bu, ba, config)[:3]
     out = votes.dtype
     return (
         mu.reshape(*batch_shape, out_caps, dim).to(out),

@@ -58,7 +58,7 @@ __all__ = [
     "ROUTING_MODES",
 ]
 
-ROUTING_MODES = ("faithful", "per_position")
+ROUTING_MODES = CF.ROUTING_MODES
 
 
 # --------------------------------------------------------------------------- checks
@@ -579,53 +579,38 @@ class ConvMatrixCapsules(nn.Module):
     def votes(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Gather receptive fields and compute ``V = M W`` for every (child, parent).
 
+        For looking at the votes; :meth:`forward` never stores them
+        (:func:`capsnet.functional.conv_matrix_capsules`).
+
         Shape: grid ``(B, H, W, in_types, 16)`` -> votes ``(B, P, K*K*in_types, out_types,
         16)``, child activations ``(B, P, K*K*in_types)``, and ``(H_out, W_out)``.
         """
+        self._check_input(poses, activations)
+        votes, child_act = CF.conv_capsule_votes(
+            poses, activations, self.weight, self.kernel_size, self.stride
+        )
+        return votes, child_act, self.output_size(tuple(poses.shape[1:3]))
+
+    def _check_input(self, poses: Tensor, activations: Tensor) -> None:
         _check_grid("input", poses, activations, self.in_types)
         h, w = poses.shape[1:3]
         if h < self.kernel_size or w < self.kernel_size:
             raise ValueError(f"input grid {h}x{w} is smaller than kernel_size={self.kernel_size}")
-        children, child_act, out_size = unfold_capsules(
-            poses, activations, self.kernel_size, self.stride
-        )
-        b, p = children.shape[:2]
-        m = children.reshape(b, p, self.kernel_size**2, self.in_types, 4, 4)
-        # Computed parent-major (B, P, O, K*K*B, 16), returned as a transposed view in the
-        # routing layout: the routing kernels work parent-major, so this saves them a copy.
-        votes = torch.einsum("bpkixy,kioyz->bpokixz", m, self.weight)
-        votes = votes.reshape(b, p, self.out_types, -1, 16).transpose(2, 3)
-        return votes, child_act, out_size
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
-        votes, child_act, (h_out, w_out) = self.votes(poses, activations)
-        if self.routing == "faithful":
-            mu, act, _ = CF.conv_em_routing(
-                votes,
-                child_act,
-                self.beta_u,
-                self.beta_a,
-                in_size=tuple(poses.shape[1:3]),
-                kernel_size=self.kernel_size,
-                stride=self.stride,
-                iterations=self.iterations,
-                inverse_temperatures=self.inverse_temperatures,
-                normalize_cost=self.normalize_cost,
-            )
-        else:
-            mu, act, _ = CF.em_routing(
-                votes,
-                child_act,
-                self.beta_u,
-                self.beta_a,
-                self.iterations,
-                self.inverse_temperatures,
-                normalize_cost=self.normalize_cost,
-            )
-        b = mu.shape[0]
-        return (
-            mu.reshape(b, h_out, w_out, self.out_types, 16),
-            act.reshape(b, h_out, w_out, self.out_types),
+        self._check_input(poses, activations)
+        return CF.conv_matrix_capsules(
+            poses,
+            activations,
+            self.weight,
+            self.beta_u,
+            self.beta_a,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            iterations=self.iterations,
+            inverse_temperatures=self.inverse_temperatures,
+            routing=self.routing,
+            normalize_cost=self.normalize_cost,
         )
 
     def extra_repr(self) -> str:

@@ -137,6 +137,10 @@ def capture_routing(last_only: bool = False) -> Iterator[_Capture]:
             if name is not None and value is originals[name]:
                 patched.append((module, attr, value))
                 setattr(module, attr, wrappers[name])
+    # Convolutional matrix-capsule layers route without storing their votes; while
+    # capturing, they compute them first and make a (recorded) conv_em_routing call.
+    patched.append((CF, "conv_matrix_capsules", CF.conv_matrix_capsules))
+    CF.conv_matrix_capsules = CF._conv_matrix_capsules_two_step
     try:
         yield capture
     finally:
