@@ -1135,7 +1135,7 @@ def _em_backward(
 # the CPU caches between passes is routed ~2x faster than one that streams from memory
 # (benchmarks/RESULTS.md). Chunks hold whole examples, so a capsule convolution's E-step,
 # which couples all positions of an example, is unchanged. Does not change any result.
-_EM_CHUNK_BYTES = 1000 << 20
+_EM_CHUNK_BYTES = 2 << 20
 
 
 def _em_chunks(
