@@ -18,7 +18,7 @@ Usage::
 
     python benchmarks/run.py                 # full suite -> RESULTS.md tables + results.json
     python benchmarks/run.py --compile       # also the torch.compile cases
-    python benchmarks/run.py --cases matrix_small   # only cases whose name contains this
+    python benchmarks/run.py --cases matrix_small   # only these cases (updated in the results)
     python benchmarks/run.py --smoke         # tiny sizes, in-process, a few seconds (CI)
     python benchmarks/run.py --profile matrix_small_28_it3_b32_train   # op table of one case
 """
@@ -190,9 +190,19 @@ def _run_subprocess(args: list[str], mem_limit_gb: float, timeout: float) -> dic
 
 
 def run_suite(args) -> list[dict]:
-    cases = C.full_cases() + (C.compile_cases() if args.compile else [])
+    all_cases = C.full_cases() + (C.compile_cases() if args.compile else [])
+    cases = all_cases
+    previous: dict[str, dict] = {}
     if args.cases:
         cases = [c for c in cases if any(s in c["name"] for s in args.cases.split(","))]
+        # A partial run updates its cases in the existing results; the others are kept
+        # (each result names the run it came from).
+        if Path(args.json).exists():
+            old = json.loads(Path(args.json).read_text())
+            for res in old["results"]:
+                res.setdefault("run", _run_label(old["meta"]))
+                previous[res["case_spec"]["name"]] = res
+    order = {c["name"]: k for k, c in enumerate(all_cases)}
     results = []
     for case in cases:
         if case.get("checkpoint") and not C.supports_checkpoint():
@@ -215,10 +225,17 @@ def run_suite(args) -> list[dict]:
                     args.mem_limit_gb,
                     args.timeout,
                 )
+        res["run"] = _run_label(machine_info(args))
         results.append(res)
         print(f"[{time.time() - t0:6.0f} s] {_summary_line(res)}", flush=True)
-        _save(results, args)
+        merged = {**previous, **{r["case_spec"]["name"]: r for r in results}}
+        _save(sorted(merged.values(), key=lambda r: order.get(r["case_spec"]["name"], 1e9)), args)
     return results
+
+
+def _run_label(meta: dict) -> str:
+    load = ", ".join(f"{x:.1f}" for x in meta["load_avg"])
+    return f"`{meta['command']}` on {meta['date']} (load average {load})"
 
 
 def _save(results: list[dict], args) -> None:
@@ -311,6 +328,14 @@ def tables(meta: dict, results: list[dict]) -> str:
         f"average at the end {', '.join(f'{x:.1f}' for x in meta['load_avg'])}."
     )
     out.append("")
+    labels = {res["run"] for res in results if "run" in res}
+    if len(labels) > 1:
+        out.append("Results from more than one run (a partial run updates its cases):")
+        out.append("")
+        for label in sorted(labels):
+            names = [r["case_spec"]["name"] for r in results if r.get("run") == label]
+            out.append(f"- {label}: {', '.join(names)}")
+        out.append("")
     out.append("Machine (lscpu): " + "; ".join(meta["lscpu"]))
     out.append("")
     out.append(

@@ -346,3 +346,50 @@ def test_transformation_matrix_init_and_parameter_count():
     torch.testing.assert_close(mean, torch.eye(4), atol=0.1, rtol=0)
     cls = L.ClassMatrixCapsules(16, 10)
     assert sum(p.numel() for p in cls.parameters()) == 16 * 10 * 16 + 2 * 10
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _layer_case(kind):
+    torch.manual_seed(0)
+    if kind == "dense":
+        layer = L.DenseCapsules(12, 4, 3, 5, iterations=3, dtype=DT)
+        return layer, (rand(2, 12, 4, seed=1).requires_grad_(),)
+    poses = rand(2, 5, 5, 2, 16, seed=2, scale=0.5).requires_grad_()
+    acts = torch.rand(2, 5, 5, 2, dtype=DT).requires_grad_()
+    if kind == "conv":
+        layer = L.ConvMatrixCapsules(2, 3, 3, 1, iterations=3, dtype=DT)
+    else:
+        layer = L.ClassMatrixCapsules(2, 4, iterations=3, dtype=DT)
+    return layer, (poses, acts)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "class"])
+def test_checkpoint_gives_the_same_outputs_and_gradients(kind):
+    results = []
+    for checkpoint in (False, True):
+        layer, inputs = _layer_case(kind)
+        layer.checkpoint = checkpoint
+        out = layer(*inputs)
+        out = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=DT).view_as(o)).sum() for o in out)
+        grads = torch.autograd.grad(loss, [*inputs, *layer.parameters()])
+        results.append((*out, *grads))
+        assert f"checkpoint={checkpoint}" in repr(layer)
+    for x, y in zip(*results, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_checkpointed_model_trains_like_the_plain_one():
+    from capsnet import models
+
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 3])
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = models.create("matrix_capsnet", preset="small", checkpoint=checkpoint)
+        CF.spread_loss(model(x).scores, y, 0.2).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -858,15 +858,15 @@ class _DynamicRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_v: Tensor | None, grad_c: Tensor | None):  # noqa: D102
-        with _no_autocast(ctx.saved_tensors[0]):
-            return _DynamicRouting._backward(ctx, grad_v, grad_c)
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing requires it)
+        with _no_autocast(saved[0]):
+            return _DynamicRouting._backward(ctx, saved, grad_v, grad_c)
 
     @staticmethod
-    def _backward(ctx, grad_v: Tensor | None, grad_c: Tensor | None):
+    def _backward(ctx, saved: tuple[Tensor, ...], grad_v: Tensor | None, grad_c: Tensor | None):
         grad_v = None if grad_v is None else grad_v.contiguous()
         grad_c = None if grad_c is None else grad_c.contiguous()
         r = ctx.iterations
-        saved = ctx.saved_tensors
         u, cs, ss, vs = saved[0], saved[1 : r + 1], saved[r + 1 : 2 * r + 1], saved[2 * r + 1 :]
         g, o, i, d = u.shape
         uf = u.view(g * o, i, d)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from capsnet import functional as CF
@@ -252,6 +253,9 @@ class DenseCapsules(nn.Module):
         detach_inner: passed to :func:`capsnet.functional.dynamic_routing`.
         init_std: standard deviation of the normal initialisation of ``W`` (0.01, as in
             the official code).
+        checkpoint: keep only the input for the backward pass and recompute the
+            predictions and the routing there (saves the ``(B, I, O, out_dim)`` predictions
+            of every call for one more forward pass; for very large layers).
 
     Shape:
         - input: ``(B, I, in_dim)``.
@@ -269,10 +273,12 @@ class DenseCapsules(nn.Module):
         *,
         detach_inner: bool = False,
         init_std: float = 0.01,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.checkpoint = bool(checkpoint)
         self.in_caps = _positive_int("in_caps", in_caps)
         self.in_dim = _positive_int("in_dim", in_dim)
         self.out_caps = _positive_int("out_caps", out_caps)
@@ -297,16 +303,19 @@ class DenseCapsules(nn.Module):
         return torch.einsum("iodk,bik->biod", self.weight, u)
 
     def forward(self, u: Tensor, return_couplings: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        v, c = CF.dynamic_routing(
+        v, c = _maybe_checkpoint(self.checkpoint, self._route, u)
+        return (v, c) if return_couplings else v
+
+    def _route(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return CF.dynamic_routing(
             self.predictions(u), self.iterations, detach_inner=self.detach_inner
         )
-        return (v, c) if return_couplings else v
 
     def extra_repr(self) -> str:
         return (
             f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
             f"out_dim={self.out_dim}, iterations={self.iterations}, "
-            f"detach_inner={self.detach_inner}"
+            f"detach_inner={self.detach_inner}, checkpoint={self.checkpoint}"
         )
 
 
@@ -439,6 +448,17 @@ def _check_routing_options(
     return lambdas
 
 
+def _maybe_checkpoint(enabled: bool, fn, *args: Tensor, **kwargs):
+    """``fn(*args, **kwargs)``, recomputed in the backward pass when ``enabled`` (and grad).
+
+    The memory-saving option of the capsule layers: nothing of the layer's votes or
+    routing is kept for the backward pass but its inputs; the forward pass runs twice.
+    """
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _init_transform(weight: Tensor, init_std: float) -> None:
     """Transformation matrices: identity plus N(0, init_std^2) noise (see MatrixCapsNet)."""
     with torch.no_grad():
@@ -526,6 +546,11 @@ class ConvMatrixCapsules(nn.Module):
         normalize_cost: standardise the EM cost over parents before the logistic (opt-in,
             not in the paper; see :func:`capsnet.functional.em_routing`).
         init_std: ``W`` starts as the identity plus N(0, init_std^2) noise.
+        checkpoint: keep only the layer's input for the backward pass and rerun its
+            forward there. The votes are never stored anyway
+            (:func:`capsnet.functional.conv_matrix_capsules`); this also drops the
+            per-iteration assignments (``iterations * K*K*in_types*out_types`` numbers per
+            parent position) for one more forward pass.
 
     Shape:
         - input: ``poses (B, H, W, in_types, 16)``, ``activations (B, H, W, in_types)``.
@@ -545,10 +570,12 @@ class ConvMatrixCapsules(nn.Module):
         routing: str = "faithful",
         normalize_cost: bool = False,
         init_std: float = 0.5,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.checkpoint = bool(checkpoint)
         self.in_types = _positive_int("in_types", in_types)
         self.out_types = _positive_int("out_types", out_types)
         self.kernel_size = _positive_int("kernel_size", kernel_size)
@@ -599,7 +626,9 @@ class ConvMatrixCapsules(nn.Module):
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         self._check_input(poses, activations)
-        return CF.conv_matrix_capsules(
+        return _maybe_checkpoint(
+            self.checkpoint,
+            CF.conv_matrix_capsules,
             poses,
             activations,
             self.weight,
@@ -618,7 +647,7 @@ class ConvMatrixCapsules(nn.Module):
             f"in_types={self.in_types}, out_types={self.out_types}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, "
             f"iterations={self.iterations}, routing={self.routing!r}, "
-            f"normalize_cost={self.normalize_cost}"
+            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
         )
 
 
@@ -633,8 +662,8 @@ class ClassMatrixCapsules(nn.Module):
     Args:
         in_types: D (paper letter), input capsule types per position.
         num_classes: E, class capsules.
-        iterations, inverse_temperatures, normalize_cost, init_std: as in
-            :class:`ConvMatrixCapsules`.
+        iterations, inverse_temperatures, normalize_cost, init_std, checkpoint: as in
+            :class:`ConvMatrixCapsules` (``checkpoint`` recomputes the votes too).
         coordinate_addition: add scaled coordinates to the votes (paper: yes).
 
     Shape:
@@ -652,10 +681,12 @@ class ClassMatrixCapsules(nn.Module):
         coordinate_addition: bool = True,
         normalize_cost: bool = False,
         init_std: float = 0.5,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.checkpoint = bool(checkpoint)
         self.in_types = _positive_int("in_types", in_types)
         self.num_classes = _positive_int("num_classes", num_classes)
         self.iterations = iterations
@@ -687,6 +718,9 @@ class ClassMatrixCapsules(nn.Module):
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         _check_grid("input", poses, activations, self.in_types)
+        return _maybe_checkpoint(self.checkpoint, self._route, poses, activations)
+
+    def _route(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         mu, act, _ = CF.em_routing(
             self.votes(poses),
             flatten_capsules(activations),
@@ -702,5 +736,5 @@ class ClassMatrixCapsules(nn.Module):
         return (
             f"in_types={self.in_types}, num_classes={self.num_classes}, "
             f"iterations={self.iterations}, coordinate_addition={self.coordinate_addition}, "
-            f"normalize_cost={self.normalize_cost}"
+            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
         )

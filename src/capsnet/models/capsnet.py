@@ -46,6 +46,9 @@ class CapsNet(nn.Module):
         primary_dim: primary capsule size (8).
         class_dim: class capsule size (16).
         detach_inner: see :func:`capsnet.functional.dynamic_routing`.
+        checkpoint: recompute the class capsules' predictions and routing in the backward
+            pass instead of keeping them (memory-saving option, see
+            :class:`~capsnet.layers.DenseCapsules`).
 
     Shape:
         - images: ``(B, in_channels, H, W)`` float; targets: ``(B,)`` int64 or None.
@@ -67,6 +70,7 @@ class CapsNet(nn.Module):
         primary_dim: int = 8,
         class_dim: int = 16,
         detach_inner: bool = False,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -88,7 +92,7 @@ class CapsNet(nn.Module):
         in_caps = grid[0] * grid[1] * primary_types
         self.digits = DenseCapsules(
             in_caps, primary_dim, num_classes, class_dim, iterations,
-            detach_inner=detach_inner, **kw,
+            detach_inner=detach_inner, checkpoint=checkpoint, **kw,
         )  # fmt: skip
         self.decoder = (
             CapsuleDecoder(num_classes, class_dim, (in_channels, *self.input_size), **kw)

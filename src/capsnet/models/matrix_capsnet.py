@@ -59,6 +59,9 @@ class MatrixCapsNet(nn.Module):
         normalize_cost: standardise the EM cost before the logistic (not in the paper).
         coordinate_addition: in the class capsule layer (paper: True).
         init_std: transformation matrices start as identity + N(0, init_std^2).
+        checkpoint: recompute each capsule layer's routing in the backward pass instead of
+            keeping its assignments (memory-saving option, see
+            :class:`~capsnet.layers.ConvMatrixCapsules`).
 
     Note:
         Defaults are chosen so that the model trains; each was checked on real MNIST (small
@@ -107,6 +110,7 @@ class MatrixCapsNet(nn.Module):
         normalize_cost: bool = False,
         coordinate_addition: bool = True,
         init_std: float = 0.5,
+        checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -140,6 +144,7 @@ class MatrixCapsNet(nn.Module):
             "inverse_temperatures": inverse_temperatures,
             "normalize_cost": normalize_cost,
             "init_std": init_std,
+            "checkpoint": checkpoint,
             **kw,
         }
         self.conv1 = nn.Conv2d(in_channels, a, 5, stride=2, **kw)
