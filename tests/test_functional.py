@@ -861,6 +861,19 @@ class TestCoordinateAddition:
                     expect[..., 1] += (col + 0.5) / w
                     torch.testing.assert_close(out[:, i], expect)
 
+    def test_right_hand_column_elements(self):
+        """elements=(3, 7): the paper's 'first two elements of the right-hand column'."""
+        votes = rand(1, 2 * 3, 2, 16)
+        out = CF.coordinate_addition(votes, 2, 3, elements=(3, 7))
+        delta = (out - votes).reshape(2, 3, 2, 4, 4)  # (row, col, out, 4x4)
+        for row in range(2):
+            for col in range(3):
+                expect = torch.zeros(4, 4, dtype=DT)
+                expect[0, 3], expect[1, 3] = (row + 0.5) / 2, (col + 0.5) / 3
+                torch.testing.assert_close(delta[row, col, 1], expect)
+        with pytest.raises(ValueError, match="two different indices"):
+            CF.coordinate_addition(votes, 2, 3, elements=(3, 3))
+
     def test_rejects_bad_grid(self):
         with pytest.raises(ValueError, match="height\\*width\\*types"):
             CF.coordinate_addition(torch.randn(2, 10, 4, 16), 3, 3)

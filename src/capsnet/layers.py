@@ -665,6 +665,9 @@ class ClassMatrixCapsules(nn.Module):
         iterations, inverse_temperatures, normalize_cost, init_std, checkpoint: as in
             :class:`ConvMatrixCapsules` (``checkpoint`` recomputes the votes too).
         coordinate_addition: add scaled coordinates to the votes (paper: yes).
+        coordinate_elements: the two vote entries that get the row and the column:
+            ``(0, 1)`` (SPEC), or ``(3, 7)`` for the paper's "right-hand column" reading
+            (see :func:`capsnet.functional.coordinate_addition`).
 
     Shape:
         - input: ``poses (B, H, W, in_types, 16)``, ``activations (B, H, W, in_types)``.
@@ -679,6 +682,7 @@ class ClassMatrixCapsules(nn.Module):
         inverse_temperatures: Sequence[float] | None = None,
         *,
         coordinate_addition: bool = True,
+        coordinate_elements: tuple[int, int] = (0, 1),
         normalize_cost: bool = False,
         init_std: float = 0.5,
         checkpoint: bool = False,
@@ -692,6 +696,13 @@ class ClassMatrixCapsules(nn.Module):
         self.iterations = iterations
         self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
         self.coordinate_addition = bool(coordinate_addition)
+        self.coordinate_elements = tuple(int(x) for x in coordinate_elements)
+        if len(self.coordinate_elements) != 2 or not all(
+            0 <= x < 16 for x in self.coordinate_elements
+        ):
+            raise ValueError(
+                f"coordinate_elements must be two indices in 0..15, got {coordinate_elements!r}"
+            )
         self.normalize_cost = bool(normalize_cost)
         self.init_std = float(init_std)
         kw = {"device": device, "dtype": dtype}
@@ -713,7 +724,7 @@ class ClassMatrixCapsules(nn.Module):
         votes = torch.einsum("bhwixy,ieyz->behwixz", m, self.weight)
         votes = votes.reshape(b, self.num_classes, -1, 16).transpose(1, 2)
         if self.coordinate_addition:
-            votes = CF.coordinate_addition(votes, h, w)
+            votes = CF.coordinate_addition(votes, h, w, self.coordinate_elements)
         return votes
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:

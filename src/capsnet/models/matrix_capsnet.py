@@ -58,6 +58,9 @@ class MatrixCapsNet(nn.Module):
             capsule layers (see :class:`~capsnet.layers.ConvMatrixCapsules`).
         normalize_cost: standardise the EM cost before the logistic (not in the paper).
         coordinate_addition: in the class capsule layer (paper: True).
+        coordinate_elements: the vote entries that get (row, col): ``(0, 1)`` (SPEC) or
+            ``(3, 7)`` (the paper's "right-hand column"; see
+            :func:`capsnet.functional.coordinate_addition`).
         init_std: transformation matrices start as identity + N(0, init_std^2).
         checkpoint: recompute each capsule layer's routing in the backward pass instead of
             keeping its assignments (memory-saving option, see
@@ -109,6 +112,7 @@ class MatrixCapsNet(nn.Module):
         routing: str = "faithful",
         normalize_cost: bool = False,
         coordinate_addition: bool = True,
+        coordinate_elements: Sequence[int] = (0, 1),
         init_std: float = 0.5,
         checkpoint: bool = False,
         device: torch.device | str | None = None,
@@ -152,7 +156,11 @@ class MatrixCapsNet(nn.Module):
         self.conv_caps1 = ConvMatrixCapsules(b, c, 3, 2, routing=routing, **routing_kw)
         self.conv_caps2 = ConvMatrixCapsules(c, d, 3, 1, routing=routing, **routing_kw)
         self.class_caps = ClassMatrixCapsules(
-            d, num_classes, coordinate_addition=coordinate_addition, **routing_kw
+            d,
+            num_classes,
+            coordinate_addition=coordinate_addition,
+            coordinate_elements=tuple(coordinate_elements),
+            **routing_kw,
         )
 
     def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
