@@ -585,3 +585,11 @@ def test_protocol_reads_the_novel_set_with_the_configs_download_flag(monkeypatch
             novel=("mnist", "train", {}), experiment="demo", title="Demo",
         )  # fmt: skip
     assert seen == {"name": "mnist", "split": "train", "download": True}
+
+
+def test_affnist_experiment_names_the_size_mismatch(tmp_path):
+    from types import SimpleNamespace
+
+    affine = SimpleNamespace(image_size=(40, 40), name="affnist_generated")
+    with pytest.raises(ValueError, match="28x28 images but the affine test set has 40x40"):
+        experiments.affnist_experiment({"capsnet": tiny_capsnet()}, affine, affine, tmp_path)

@@ -1017,6 +1017,16 @@ def affnist_experiment(
     familiar accuracies so a mismatch is visible.
     """
     _check_models(models)
+    size = tuple(getattr(affine, "image_size", ()))
+    for label, model in models.items():
+        model_size = tuple(getattr(model, "input_size", ()))
+        if size and model_size and model_size != size:
+            raise ValueError(
+                f"model {label!r} takes {model_size[0]}x{model_size[1]} images but the affine "
+                f"test set has {size[0]}x{size[1]}: the affNIST experiment needs models trained "
+                "on mnist_shifted40 (40x40), e.g. `capsnet train --recipe capsnet_affnist` or "
+                "`capsnet experiment affnist-protocol`"
+            )
     out_dir = Path(out_dir)
     device = resolve_device(device)
     results = {}
