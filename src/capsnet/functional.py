@@ -679,7 +679,9 @@ def conv_matrix_capsules(
     if _needs_grad(children, child_act, w_mat, *betas):
         mu, logit = _ConvCapsulesEM.apply(children, child_act, w_mat, *betas, config)
     else:
-        mu, logit = _conv_capsules_forward(children, child_act, w_mat, *betas, config)[:2]
+        mu, logit, _ = _conv_capsules_forward(
+            children, child_act, w_mat, *betas, config, keep_saved=False
+        )
     out = poses.dtype
     return (
         mu.reshape(n, h_out, w_out, out_types, 16).to(out),
@@ -1182,12 +1184,18 @@ def _vote_rows(votes: Tensor) -> tuple[int, int]:
 
 
 def _em_forward_chunked(
-    votes: Tensor, act: Tensor, beta_u: Tensor, beta_a: Tensor, config: _EMConfig
+    votes: Tensor,
+    act: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    config: _EMConfig,
+    keep_saved: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """:func:`_em_forward` chunk by chunk (:func:`_em_chunks`), results concatenated.
 
     The first iteration's saved assignments (a constant expanded over parents) are kept as
-    one row ``(G, 1, I)``; the backward pass expands them again.
+    one row ``(G, 1, I)``; the backward pass expands them again. ``keep_saved=False``
+    (no backward pass) drops the saved tensors chunk by chunk and returns ``[]``.
     """
     outs, saved_chunks = [], []
     with _no_autocast(votes):
@@ -1195,7 +1203,7 @@ def _em_forward_chunked(
             *out, saved = _em_forward(votes[rows], act[rows], beta_u[rows], beta_a[rows], cfg)
             saved[0] = saved[0][:, :1]
             outs.append(out)
-            saved_chunks.append(saved)
+            saved_chunks.append(saved if keep_saved else [])
     mu, logit, assign = (x[0] if len(x) == 1 else torch.cat(x) for x in zip(*outs, strict=True))
     saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
     return mu, logit, assign, saved
@@ -1257,9 +1265,18 @@ def _conv_capsule_chunk_votes(children: Tensor, w_mat: Tensor) -> tuple[Tensor, 
 
 
 def _conv_capsules_forward(
-    children: Tensor, act: Tensor, w_mat: Tensor, beta_u: Tensor, beta_a: Tensor, config: _EMConfig
+    children: Tensor,
+    act: Tensor,
+    w_mat: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    config: _EMConfig,
+    keep_saved: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Votes + :func:`_em_forward`, chunk by chunk; returns ``mu``, ``logit``, saved tensors."""
+    """Votes + :func:`_em_forward`, chunk by chunk; returns ``mu``, ``logit``, saved tensors.
+
+    ``keep_saved=False`` (no backward pass) keeps nothing of the chunks but the outputs.
+    """
     mus, logits, saved_chunks = [], [], []
     with _no_autocast(children):
         for rows, cfg in _em_chunks(children.shape[0], _chunk_row_bytes(children, w_mat), config,
@@ -1270,7 +1287,7 @@ def _conv_capsules_forward(
             saved[0] = saved[0][:, :1]
             mus.append(mu)
             logits.append(logit)
-            saved_chunks.append(saved)
+            saved_chunks.append(saved if keep_saved else [])
     saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
     return torch.cat(mus), torch.cat(logits), saved
 
@@ -1361,7 +1378,7 @@ def _em_routing_fast(
     if _needs_grad(v, act, bu, ba):
         mu, logit, assign = _EMRouting.apply(v, act, bu, ba, config)
     else:
-        mu, logit, assign = _em_forward_chunked(v, act, bu, ba, config)[:3]
+        mu, logit, assign, _ = _em_forward_chunked(v, act, bu, ba, config, keep_saved=False)
     out = votes.dtype
     return (
         mu.reshape(*batch_shape, out_caps, dim).to(out),
