@@ -203,6 +203,7 @@ def run_suite(args) -> list[dict]:
                 res.setdefault("run", _run_label(old["meta"]))
                 previous[res["case_spec"]["name"]] = res
     order = {c["name"]: k for k, c in enumerate(all_cases)}
+    started = machine_info(args)
     results = []
     for case in cases:
         if case.get("checkpoint") and not C.supports_checkpoint():
@@ -225,7 +226,7 @@ def run_suite(args) -> list[dict]:
                     args.mem_limit_gb,
                     args.timeout,
                 )
-        res["run"] = _run_label(machine_info(args))
+        res["run"] = _run_label(started)
         results.append(res)
         print(f"[{time.time() - t0:6.0f} s] {_summary_line(res)}", flush=True)
         merged = {**previous, **{r["case_spec"]["name"]: r for r in results}}
@@ -234,8 +235,7 @@ def run_suite(args) -> list[dict]:
 
 
 def _run_label(meta: dict) -> str:
-    load = ", ".join(f"{x:.1f}" for x in meta["load_avg"])
-    return f"`{meta['command']}` on {meta['date']} (load average {load})"
+    return f"`{meta['command']}` started {meta['date']}"
 
 
 def _save(results: list[dict], args) -> None:
