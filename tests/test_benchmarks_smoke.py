@@ -27,3 +27,17 @@ def test_benchmark_smoke_mode(tmp_path):
     for section in ("Routing alone", "Training step", "Inference"):
         assert section in text
     assert "smoke_matrix" in text and "smoke_capsnet" in text and "smoke_conv_em" in text
+
+
+def test_models_throughput_measures_a_model():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import models_throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    train, infer, params = models_throughput.measure("hinton_cnn", {}, batch=4, steps=1)
+    assert train > 0 and infer > 0
+    assert params == 3_274_634
+    assert {name for name, _, _ in models_throughput.CASES} == {
+        "capsnet", "matrix_capsnet", "sabour_cnn", "hinton_cnn"
+    }  # fmt: skip

@@ -1,0 +1,106 @@
+"""Training and inference images/s of every registered model, as ``capsnet train`` runs them.
+
+Run: ``python benchmarks/models_throughput.py [--threads N] [--steps 5]``.
+
+Each model is built for MNIST (``capsnet.models.create(name, num_classes=10,
+in_channels=1, input_size=28)``, otherwise defaults; the matrix capsnet in both presets),
+trained for a few steps with Adam on random 28x28 images
+(forward, the model's loss, backward, optimiser step) and run in ``inference_mode`` at
+batch 256. Medians after one warm-up step. Unlike ``run.py`` there is no reference
+implementation: these are the absolute numbers for the baselines next to the capsule
+models. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import capsnet.functional as CF
+from capsnet import models
+
+CASES = [
+    ("capsnet", {}, 128),
+    ("matrix_capsnet", {"preset": "small"}, 32),
+    ("matrix_capsnet", {"preset": "paper"}, 32),
+    ("sabour_cnn", {}, 32),
+    ("hinton_cnn", {}, 128),
+]
+
+
+def _loss(name: str, out, x, y):
+    kind = models.model_info(name).loss
+    if kind == "margin":
+        loss = CF.margin_loss(out.scores, y)
+        if out.reconstructions is not None:
+            loss = loss + 0.0005 * CF.reconstruction_loss(out.reconstructions, x)
+        return loss
+    if kind == "spread":
+        return CF.spread_loss(out.scores, y, 0.2)
+    return torch.nn.functional.cross_entropy(out.scores, y)
+
+
+def _median_seconds(fn, steps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, kwargs: dict, batch: int, steps: int) -> tuple[float, float, int]:
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=10, in_channels=1, input_size=28, **kwargs)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.rand(batch, model.in_channels, *model.input_size)
+    y = torch.randint(0, model.num_classes, (batch,))
+
+    def train_step():
+        model.train()
+        out = model(x, y)
+        loss = _loss(name, out, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    xi = torch.rand(256, model.in_channels, *model.input_size)
+
+    def infer_step():
+        model.eval()
+        with torch.inference_mode():
+            model(xi)
+
+    train = batch / _median_seconds(train_step, steps)
+    infer = 256 / _median_seconds(infer_step, max(2, steps // 2))
+    return train, infer, params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per model")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print()
+    print("| model | parameters | train batch | train img/s | inference img/s (batch 256) |")
+    print("|---|---|---|---|---|")
+    for name, kwargs, batch in CASES:
+        train, infer, params = measure(name, kwargs, batch, args.steps)
+        label = name + "".join(f" {k}={v}" for k, v in kwargs.items())
+        print(f"| {label} | {params:,} | {batch} | {train:.1f} | {infer:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
