@@ -20,8 +20,8 @@ import time
 
 import torch
 
-import capsnet.functional as CF
 from capsnet import models
+from capsnet.train import compute_loss
 
 CASES = [
     ("capsnet", {}, 128),
@@ -30,18 +30,6 @@ CASES = [
     ("sabour_cnn", {}, 32),
     ("hinton_cnn", {}, 128),
 ]
-
-
-def _loss(name: str, out, x, y):
-    kind = models.model_info(name).loss
-    if kind == "margin":
-        loss = CF.margin_loss(out.scores, y)
-        if out.reconstructions is not None:
-            loss = loss + 0.0005 * CF.reconstruction_loss(out.reconstructions, x)
-        return loss
-    if kind == "spread":
-        return CF.spread_loss(out.scores, y, 0.2)
-    return torch.nn.functional.cross_entropy(out.scores, y)
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -65,7 +53,7 @@ def measure(name: str, kwargs: dict, batch: int, steps: int) -> tuple[float, flo
     def train_step():
         model.train()
         out = model(x, y)
-        loss = _loss(name, out, x, y)
+        loss = compute_loss(models.model_info(name).loss, out, x, y, margin=0.2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
