@@ -384,3 +384,13 @@ def test_matrix_capsnet_default_lambda_schedule_and_why():
     CF.spread_loss(out.scores, labels, margin=0.2).backward()
     assert (out.scores > 0.999).all()
     assert saturated.primary.pose.weight.grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", ["capsnet", "matrix_capsnet", "sabour_cnn", "hinton_cnn"])
+def test_empty_batch(name):
+    """A batch of 0 images (e.g. the last shard of a tiny split) gives (0, classes) scores."""
+    model = M.create(name, num_classes=10, in_channels=1, input_size=28)
+    images = torch.rand(0, 1, 28, 28, requires_grad=True)
+    out = model(images)
+    assert out.scores.shape == (0, 10)
+    out.scores.sum().backward()

@@ -1160,6 +1160,8 @@ def _em_chunks(
     geometry = config.geometry
     rows_per_example = 1 if geometry is None else geometry.positions
     examples = rows // rows_per_example
+    if examples == 0:  # an empty batch: one empty chunk
+        return [(slice(0, rows), config)]
     if device.type != "cpu":  # GPUs stream the whole tensor at once just fine
         per_chunk = examples
     else:
@@ -1180,7 +1182,7 @@ def _em_chunks(
 
 def _vote_rows(votes: Tensor) -> tuple[int, int]:
     """Rows of parent-major votes ``(G, O, I, D)`` and bytes per row."""
-    return votes.shape[0], votes[0].numel() * votes.element_size()
+    return votes.shape[0], math.prod(votes.shape[1:]) * votes.element_size()
 
 
 def _em_forward_chunked(

@@ -113,9 +113,10 @@ def flatten_capsules(grid: Tensor) -> Tensor:
         - grid: ``(B, H, W, T, D)`` (or activations ``(B, H, W, T)``).
         - output: ``(B, H*W*T, D)`` (or ``(B, H*W*T)``).
     """
+    children = math.prod(grid.shape[1:4])  # explicit: also for an empty batch
     if grid.ndim == 5:
-        return grid.reshape(grid.shape[0], -1, grid.shape[-1])
-    return grid.reshape(grid.shape[0], -1)
+        return grid.reshape(grid.shape[0], children, grid.shape[-1])
+    return grid.reshape(grid.shape[0], children)
 
 
 def unfold_capsules(
@@ -722,7 +723,7 @@ class ClassMatrixCapsules(nn.Module):
         m = poses.reshape(b, h, w, self.in_types, 4, 4)
         # Parent-major (B, E, H*W*in_types, 16) as a transposed view, as in ConvMatrixCapsules.
         votes = torch.einsum("bhwixy,ieyz->behwixz", m, self.weight)
-        votes = votes.reshape(b, self.num_classes, -1, 16).transpose(1, 2)
+        votes = votes.reshape(b, self.num_classes, h * w * self.in_types, 16).transpose(1, 2)
         if self.coordinate_addition:
             votes = CF.coordinate_addition(votes, h, w, self.coordinate_elements)
         return votes
