@@ -24,7 +24,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -558,6 +558,20 @@ def _check_conv_capsule_inputs(
         )
 
 
+def _gather_children(poses: Tensor, activations: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Each parent position's ``K*K*B`` children (order ``(kh, kw, b)``) and activations.
+
+    ``index (P, K*K)`` from :func:`conv_children_index`. Shape: ``poses (N, H, W, B, D)``,
+    ``activations (N, H, W, B)`` -> ``(N, P, K*K*B, D)``, ``(N, P, K*K*B)``.
+    """
+    n, h, w, b, d = poses.shape
+    positions, kk = index.shape
+    flat = index.reshape(-1)
+    children = poses.reshape(n, h * w, b, d).index_select(1, flat)
+    child_act = activations.reshape(n, h * w, b).index_select(1, flat)
+    return children.reshape(n, positions, kk * b, d), child_act.reshape(n, positions, kk * b)
+
+
 def conv_capsule_votes(
     poses: Tensor, activations: Tensor, weight: Tensor, kernel_size: int, stride: int
 ) -> tuple[Tensor, Tensor]:
@@ -585,14 +599,12 @@ def conv_capsule_votes(
     n, h, w, b, _ = poses.shape
     index = conv_children_index((h, w), kernel_size, stride, device=poses.device)  # (P, KK)
     positions, kk = index.shape
-    flat = index.reshape(-1)
-    children = poses.reshape(n, h * w, b, 4, 4).index_select(1, flat)
+    children, child_act = _gather_children(poses, activations, index)
     children = children.reshape(n, positions, kk, b, 4, 4)
-    child_act = activations.reshape(n, h * w, b).index_select(1, flat)
     out_types = weight.shape[2]
     votes = torch.einsum("npkbxy,kboyz->npokbxz", children, weight)
     votes = votes.reshape(n, positions, out_types, kk * b, 16).transpose(2, 3)
-    return votes, child_act.reshape(n, positions, kk * b)
+    return votes, child_act
 
 
 ROUTING_MODES = ("faithful", "per_position")
@@ -670,10 +682,8 @@ def conv_matrix_capsules(
     config = _EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), geometry)
     # Gather the receptive fields (small: 1/O of the votes) and lay them out for the
     # vote products: children (N*P, K*K*B, 4, 4), W as (K*K*B, 4, O*4).
-    flat = index.reshape(-1)
-    children = poses.to(compute).reshape(n, h * w, b, 16).index_select(1, flat)
+    children, child_act = _gather_children(poses.to(compute), activations.to(compute), index)
     children = children.reshape(n * positions, i, 4, 4)
-    child_act = activations.to(compute).reshape(n, h * w, b).index_select(1, flat)
     child_act = child_act.reshape(n * positions, i)
     w_mat = weight.to(compute).permute(0, 1, 3, 2, 4).reshape(i, 4, out_types * 4)
     if _needs_grad(children, child_act, w_mat, *betas):
@@ -1186,29 +1196,45 @@ def _vote_rows(votes: Tensor) -> tuple[int, int]:
 
 
 def _em_forward_chunked(
-    votes: Tensor,
+    chunk_votes: Callable[[slice], Tensor],
+    chunks: list[tuple[slice, _EMConfig]],
     act: Tensor,
     beta_u: Tensor,
     beta_a: Tensor,
-    config: _EMConfig,
     keep_saved: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    keep_assign: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
     """:func:`_em_forward` chunk by chunk (:func:`_em_chunks`), results concatenated.
 
-    The first iteration's saved assignments (a constant expanded over parents) are kept as
-    one row ``(G, 1, I)``; the backward pass expands them again. ``keep_saved=False``
-    (no backward pass) drops the saved tensors chunk by chunk and returns ``[]``.
+    ``chunk_votes(rows)`` gives the parent-major votes of a chunk (a slice of stored votes,
+    or votes computed on the spot). The first iteration's saved assignments (a constant
+    expanded over parents) are kept as one row ``(G, 1, I)``; :func:`_saved_rows` expands
+    them again. ``keep_saved=False`` (no backward pass) drops the saved tensors chunk by
+    chunk and returns ``[]``; ``keep_assign=False`` returns ``None`` for the assignments.
     """
-    outs, saved_chunks = [], []
-    with _no_autocast(votes):
-        for rows, cfg in _em_chunks(*_vote_rows(votes), config, votes.device):
-            *out, saved = _em_forward(votes[rows], act[rows], beta_u[rows], beta_a[rows], cfg)
-            saved[0] = saved[0][:, :1]
-            outs.append(out)
-            saved_chunks.append(saved if keep_saved else [])
-    mu, logit, assign = (x[0] if len(x) == 1 else torch.cat(x) for x in zip(*outs, strict=True))
-    saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
-    return mu, logit, assign, saved
+    mus, logits, assigns, saved_chunks = [], [], [], []
+    for rows, cfg in chunks:
+        votes = chunk_votes(rows)
+        mu, logit, assign, saved = _em_forward(votes, act[rows], beta_u[rows], beta_a[rows], cfg)
+        del votes
+        saved[0] = saved[0][:, :1]
+        mus.append(mu)
+        logits.append(logit)
+        assigns.append(assign if keep_assign else None)
+        saved_chunks.append(saved if keep_saved else [])
+    saved = [_cat(x) for x in zip(*saved_chunks, strict=True)]
+    return _cat(mus), _cat(logits), _cat(assigns) if keep_assign else None, saved
+
+
+def _saved_rows(saved: Sequence[Tensor], rows: slice, out_caps: int) -> list[Tensor]:
+    """The saved tensors of one chunk, the first assignments expanded back over parents."""
+    out = [x[rows] for x in saved]
+    out[0] = out[0].expand(-1, out_caps, -1)
+    return out
+
+
+def _cat(parts: Sequence[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
 class _EMRouting(torch.autograd.Function):
@@ -1216,7 +1242,11 @@ class _EMRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, votes, act, beta_u, beta_a, config: _EMConfig):  # noqa: D102
-        mu, logit, assign, saved = _em_forward_chunked(votes, act, beta_u, beta_a, config)
+        with _no_autocast(votes):
+            chunks = _em_chunks(*_vote_rows(votes), config, votes.device)
+            mu, logit, assign, saved = _em_forward_chunked(
+                lambda rows: votes[rows], chunks, act, beta_u, beta_a
+            )
         ctx.config = config
         ctx.save_for_backward(votes, act, beta_u, beta_a, *saved)
         ctx.set_materialize_grads(False)
@@ -1234,21 +1264,19 @@ class _EMRouting(torch.autograd.Function):
         grads: list[list[Tensor]] = [[], [], []]
         with _no_autocast(votes):
             for rows, cfg in _em_chunks(*_vote_rows(votes), ctx.config, votes.device):
-                saved_rows = [x[rows] for x in saved]
-                saved_rows[0] = saved_rows[0].expand(-1, o, -1)
                 _, *rest = _em_backward(
                     votes[rows],
                     act[rows],
                     beta_u[rows],
                     beta_a[rows],
-                    saved_rows,
+                    _saved_rows(saved, rows, o),
                     cfg,
                     *(None if x is None else x[rows] for x in (grad_mu, grad_logit, grad_assign)),
                     out=grad_votes[rows],
                 )
                 for acc, x in zip(grads, rest, strict=True):
                     acc.append(x)
-        return (grad_votes, *(torch.cat(x) for x in grads), None)
+        return (grad_votes, *(_cat(x) for x in grads), None)
 
 
 def _conv_capsule_chunk_votes(children: Tensor, w_mat: Tensor) -> tuple[Tensor, Tensor]:
@@ -1279,19 +1307,15 @@ def _conv_capsules_forward(
 
     ``keep_saved=False`` (no backward pass) keeps nothing of the chunks but the outputs.
     """
-    mus, logits, saved_chunks = [], [], []
     with _no_autocast(children):
-        for rows, cfg in _em_chunks(children.shape[0], _chunk_row_bytes(children, w_mat), config,
-                                    children.device):  # fmt: skip
-            votes, _ = _conv_capsule_chunk_votes(children[rows], w_mat)
-            mu, logit, _, saved = _em_forward(votes, act[rows], beta_u[rows], beta_a[rows], cfg)
-            del votes
-            saved[0] = saved[0][:, :1]
-            mus.append(mu)
-            logits.append(logit)
-            saved_chunks.append(saved if keep_saved else [])
-    saved = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*saved_chunks, strict=True)]
-    return torch.cat(mus), torch.cat(logits), saved
+        chunks = _em_chunks(
+            children.shape[0], _chunk_row_bytes(children, w_mat), config, children.device
+        )
+        mu, logit, _, saved = _em_forward_chunked(
+            lambda rows: _conv_capsule_chunk_votes(children[rows], w_mat)[0],
+            chunks, act, beta_u, beta_a, keep_saved=keep_saved, keep_assign=False,
+        )  # fmt: skip
+    return mu, logit, saved
 
 
 def _chunk_row_bytes(children: Tensor, w_mat: Tensor) -> int:
@@ -1324,10 +1348,8 @@ class _ConvCapsulesEM(torch.autograd.Function):
             chunks = _em_chunks(g, _chunk_row_bytes(children, w_mat), ctx.config, children.device)
             for rows, cfg in chunks:
                 votes, slot_rows = _conv_capsule_chunk_votes(children[rows], w_mat)
-                saved_rows = [x[rows] for x in saved]
-                saved_rows[0] = saved_rows[0].expand(-1, o, -1)
                 grad_votes, *rest = _em_backward(
-                    votes, act[rows], beta_u[rows], beta_a[rows], saved_rows, cfg,
+                    votes, act[rows], beta_u[rows], beta_a[rows], _saved_rows(saved, rows, o), cfg,
                     None if grad_mu is None else grad_mu[rows],
                     None if grad_logit is None else grad_logit[rows],
                     None, out=votes,
@@ -1343,7 +1365,7 @@ class _ConvCapsulesEM(torch.autograd.Function):
                 grad_w.baddbmm_(slot_rows.transpose(1, 2), grad_products)
                 grad_rows = torch.bmm(grad_products, w_mat.transpose(1, 2))  # (I, (g, x), y)
                 grad_children[rows] = grad_rows.view(i, n_rows, 4, 4).transpose(0, 1)
-        grad_act, grad_bu, grad_ba = (torch.cat(x) for x in grads)
+        grad_act, grad_bu, grad_ba = (_cat(x) for x in grads)
         return grad_children, grad_act, grad_w, grad_bu, grad_ba, None
 
 
@@ -1380,7 +1402,12 @@ def _em_routing_fast(
     if _needs_grad(v, act, bu, ba):
         mu, logit, assign = _EMRouting.apply(v, act, bu, ba, config)
     else:
-        mu, logit, assign, _ = _em_forward_chunked(v, act, bu, ba, config, keep_saved=False)
+        with _no_autocast(v):
+            mu, logit, assign, _ = _em_forward_chunked(
+                lambda rows: v[rows],
+                _em_chunks(*_vote_rows(v), config, v.device),
+                act, bu, ba, keep_saved=False,
+            )  # fmt: skip
     out = votes.dtype
     return (
         mu.reshape(*batch_shape, out_caps, dim).to(out),

@@ -136,18 +136,11 @@ def unfold_capsules(
         - output poses: ``(B, P, K*K*T, D)``; output activations: ``(B, P, K*K*T)``,
           ``P = H_out * W_out``, ``H_out = (H - K) // stride + 1``.
     """
-    b, h, w, t, d = poses.shape
+    h, w = poses.shape[1:3]
     index = CF.conv_children_index((h, w), kernel_size, stride, device=poses.device)  # (P, KK)
-    positions, kk = index.shape
-    flat = index.reshape(-1)
-    out_poses = poses.reshape(b, h * w, t, d).index_select(1, flat)  # (B, P*KK, T, D)
-    out_act = activations.reshape(b, h * w, t).index_select(1, flat)  # (B, P*KK, T)
+    out_poses, out_act = CF._gather_children(poses, activations, index)
     out_size = (conv_output_size(h, kernel_size, stride), conv_output_size(w, kernel_size, stride))
-    return (
-        out_poses.reshape(b, positions, kk * t, d),
-        out_act.reshape(b, positions, kk * t),
-        out_size,
-    )
+    return out_poses, out_act, out_size
 
 
 def capsule_lengths(poses: Tensor, eps: float = 1e-9) -> Tensor:
