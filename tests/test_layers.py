@@ -113,7 +113,9 @@ def test_dense_capsules_detach_inner_is_passed_through():
     grads = []
     for detach in (False, True):
         torch.manual_seed(0)
-        layer = L.DenseCapsules(5, 4, 3, 6, 3, detach_inner=detach, init_std=1.0).double()
+        layer = L.DenseCapsules(
+            5, in_dim=4, out_caps=3, out_dim=6, iterations=3, detach_inner=detach, init_std=1.0
+        ).double()
         u_hat = layer.predictions(u)
         ref, _ = CF.dynamic_routing(u_hat, 3, detach_inner=detach)
         out = layer(u)
@@ -132,7 +134,7 @@ def test_dense_capsules_detach_inner_is_passed_through():
     ],
 )
 def test_dense_capsules_bad_input(u, error):
-    layer = L.DenseCapsules(6, 8, 3, 16)
+    layer = L.DenseCapsules(6, in_dim=8, out_caps=3, out_dim=16)
     with pytest.raises(error, match=r"\(B, 6, 8\)|dtype"):
         layer(u)
 
@@ -142,7 +144,7 @@ def test_dense_capsules_bad_input(u, error):
 
 def test_decoder_masks_all_but_target_or_longest():
     torch.manual_seed(0)
-    dec = L.CapsuleDecoder(4, 16, (1, 12, 10)).double()
+    dec = L.CapsuleDecoder(4, pose_dim=16, output_shape=(1, 12, 10)).double()
     assert [m.out_features for m in dec.net if isinstance(m, torch.nn.Linear)] == [512, 1024, 120]
     poses = rand(3, 4, 16) * 0.2
     poses[:, 2] *= 4.0  # capsule 2 is the longest
@@ -164,7 +166,7 @@ def test_decoder_masks_all_but_target_or_longest():
 
 
 def test_decoder_bad_targets():
-    dec = L.CapsuleDecoder(4, 16, (1, 8, 8))
+    dec = L.CapsuleDecoder(4, pose_dim=16, output_shape=(1, 8, 8))
     poses = torch.rand(2, 4, 16)
     with pytest.raises(TypeError, match="int"):
         dec(poses, torch.tensor([0.0, 1.0]))
@@ -223,7 +225,7 @@ def ref_conv_votes(poses, weight, k, s):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_matrix_capsules_votes_match_plain_loops(stride):
     torch.manual_seed(0)
-    layer = L.ConvMatrixCapsules(2, 3, kernel_size=3, stride=stride).double()
+    layer = L.ConvMatrixCapsules(2, out_types=3, kernel_size=3, stride=stride).double()
     poses, act = rand(2, 7, 6, 2, 16), torch.rand(2, 7, 6, 2, dtype=DT)
     votes, child_act, out_size = layer.votes(poses, act)
     assert out_size == layer.output_size((7, 6))
@@ -234,8 +236,8 @@ def test_conv_matrix_capsules_votes_match_plain_loops(stride):
 def test_conv_matrix_capsules_routing_modes():
     torch.manual_seed(0)
     kwargs = dict(kernel_size=3, stride=1, iterations=3, inverse_temperatures=[1.0, 1.0, 1.0])
-    faithful = L.ConvMatrixCapsules(2, 3, **kwargs).double()
-    per_pos = L.ConvMatrixCapsules(2, 3, routing="per_position", **kwargs).double()
+    faithful = L.ConvMatrixCapsules(2, out_types=3, **kwargs).double()
+    per_pos = L.ConvMatrixCapsules(2, out_types=3, routing="per_position", **kwargs).double()
     per_pos.load_state_dict(faithful.state_dict())
     poses, act = rand(2, 5, 6, 2, 16, scale=0.5), torch.rand(2, 5, 6, 2, dtype=DT)
     votes, child_act, _ = faithful.votes(poses, act)
@@ -258,14 +260,14 @@ def test_conv_matrix_capsules_routing_modes():
 def test_conv_matrix_capsules_options_reach_routing():
     poses, act = rand(1, 5, 5, 2, 16, scale=0.3), torch.rand(1, 5, 5, 2, dtype=DT)
     torch.manual_seed(0)
-    base = L.ConvMatrixCapsules(2, 3, iterations=2).double()
+    base = L.ConvMatrixCapsules(2, out_types=3, iterations=2).double()
     outs = {}
     for name, kw in {
         "base": {},
         "lambda": {"inverse_temperatures": [0.5, 0.7]},
         "normalize": {"normalize_cost": True},
     }.items():
-        layer = L.ConvMatrixCapsules(2, 3, iterations=2, **kw).double()
+        layer = L.ConvMatrixCapsules(2, out_types=3, iterations=2, **kw).double()
         layer.load_state_dict(base.state_dict())
         outs[name] = layer(poses, act)[1]
     assert not torch.allclose(outs["base"], outs["lambda"])
@@ -274,10 +276,10 @@ def test_conv_matrix_capsules_options_reach_routing():
 
 def test_matrix_layer_bad_options_and_inputs():
     with pytest.raises(ValueError, match="faithful"):
-        L.ConvMatrixCapsules(2, 3, routing="global")
+        L.ConvMatrixCapsules(2, out_types=3, routing="global")
     with pytest.raises(ValueError, match="one lambda per iteration"):
-        L.ConvMatrixCapsules(2, 3, iterations=3, inverse_temperatures=[1.0])
-    layer = L.ConvMatrixCapsules(2, 3, kernel_size=3)
+        L.ConvMatrixCapsules(2, out_types=3, iterations=3, inverse_temperatures=[1.0])
+    layer = L.ConvMatrixCapsules(2, out_types=3, kernel_size=3)
     with pytest.raises(ValueError, match=r"\(B, H, W, 2, 16\)"):
         layer(torch.rand(1, 5, 5, 3, 16), torch.rand(1, 5, 5, 3))
     with pytest.raises(ValueError, match="activations"):
@@ -292,8 +294,10 @@ def test_matrix_layer_bad_options_and_inputs():
 def test_class_matrix_capsules_votes_and_coordinate_addition(grid):
     torch.manual_seed(0)
     h, w = grid
-    with_ca = L.ClassMatrixCapsules(2, 4, iterations=2).double()
-    without = L.ClassMatrixCapsules(2, 4, iterations=2, coordinate_addition=False).double()
+    with_ca = L.ClassMatrixCapsules(2, num_classes=4, iterations=2).double()
+    without = L.ClassMatrixCapsules(
+        2, num_classes=4, iterations=2, coordinate_addition=False
+    ).double()
     without.load_state_dict(with_ca.state_dict())
     poses, act = rand(2, h, w, 2, 16), torch.rand(2, h, w, 2, dtype=DT)
     votes, plain = with_ca.votes(poses), without.votes(poses)
@@ -325,26 +329,28 @@ def test_matrix_layer_stack_shapes(size):
     torch.manual_seed(0)
     h, w = ((s - 5) // 2 + 1 for s in size)
     x = torch.rand(2, 8, h, w)
-    poses, act = L.PrimaryMatrixCapsules(8, 4)(x)
+    poses, act = L.PrimaryMatrixCapsules(8, out_types=4)(x)
     assert poses.shape == (2, h, w, 4, 16)
-    conv1 = L.ConvMatrixCapsules(4, 5, 3, 2, iterations=2)
+    conv1 = L.ConvMatrixCapsules(4, out_types=5, kernel_size=3, stride=2, iterations=2)
     poses, act = conv1(poses, act)
     h, w = (h - 3) // 2 + 1, (w - 3) // 2 + 1
     assert poses.shape == (2, h, w, 5, 16) and act.shape == (2, h, w, 5)
-    poses, act = L.ConvMatrixCapsules(5, 6, 3, 1, iterations=2)(poses, act)
+    poses, act = L.ConvMatrixCapsules(5, out_types=6, kernel_size=3, stride=1, iterations=2)(
+        poses, act
+    )
     assert poses.shape == (2, h - 2, w - 2, 6, 16)
-    poses, act = L.ClassMatrixCapsules(6, 10, iterations=2)(poses, act)
+    poses, act = L.ClassMatrixCapsules(6, num_classes=10, iterations=2)(poses, act)
     assert poses.shape == (2, 10, 16) and act.shape == (2, 10)
     assert torch.isfinite(poses).all() and torch.isfinite(act).all()
 
 
 def test_transformation_matrix_init_and_parameter_count():
-    layer = L.ConvMatrixCapsules(8, 16, kernel_size=3, stride=2)
+    layer = L.ConvMatrixCapsules(8, out_types=16, kernel_size=3, stride=2)
     assert sum(p.numel() for p in layer.parameters()) == 9 * 8 * 16 * 16 + 2 * 16
     assert layer.beta_u.abs().sum() == 0 and layer.beta_a.abs().sum() == 0
     mean = layer.weight.detach().mean(dim=(0, 1, 2))
     torch.testing.assert_close(mean, torch.eye(4), atol=0.1, rtol=0)
-    cls = L.ClassMatrixCapsules(16, 10)
+    cls = L.ClassMatrixCapsules(16, num_classes=10)
     assert sum(p.numel() for p in cls.parameters()) == 16 * 10 * 16 + 2 * 10
 
 
@@ -354,14 +360,16 @@ def test_transformation_matrix_init_and_parameter_count():
 def _layer_case(kind):
     torch.manual_seed(0)
     if kind == "dense":
-        layer = L.DenseCapsules(12, 4, 3, 5, iterations=3, dtype=DT)
+        layer = L.DenseCapsules(12, in_dim=4, out_caps=3, out_dim=5, iterations=3, dtype=DT)
         return layer, (rand(2, 12, 4, seed=1).requires_grad_(),)
     poses = rand(2, 5, 5, 2, 16, seed=2, scale=0.5).requires_grad_()
     acts = torch.rand(2, 5, 5, 2, dtype=DT).requires_grad_()
     if kind == "conv":
-        layer = L.ConvMatrixCapsules(2, 3, 3, 1, iterations=3, dtype=DT)
+        layer = L.ConvMatrixCapsules(
+            2, out_types=3, kernel_size=3, stride=1, iterations=3, dtype=DT
+        )
     else:
-        layer = L.ClassMatrixCapsules(2, 4, iterations=3, dtype=DT)
+        layer = L.ClassMatrixCapsules(2, num_classes=4, iterations=3, dtype=DT)
     return layer, (poses, acts)
 
 
@@ -393,3 +401,72 @@ def test_checkpointed_model_trains_like_the_plain_one():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- routing hooks
+
+
+def _hooked(layer, *inputs):
+    calls = []
+    handle = layer.register_routing_hook(lambda module, call: calls.append((module, call)))
+    out = layer(*inputs)
+    handle.remove()
+    return out, calls
+
+
+def test_routing_hook_sees_dynamic_routing_and_changes_nothing():
+    layer = L.DenseCapsules(6, in_dim=8, out_caps=3, out_dim=4).double()
+    u = torch.randn(2, 6, 8, dtype=torch.float64)
+    plain = layer(u)
+    out, calls = _hooked(layer, u)
+    torch.testing.assert_close(out, plain)
+    assert len(calls) == 1 and calls[0][0] is layer
+    call = calls[0][1]
+    assert call.kind == "dynamic" and call.iterations == 3
+    torch.testing.assert_close(call.arguments["u_hat"], layer.predictions(u))
+    torch.testing.assert_close(call.outputs[0], plain)
+    assert layer(u).shape == plain.shape and not layer.has_routing_hooks  # removed
+
+
+@pytest.mark.parametrize("routing", ["faithful", "per_position"])
+def test_routing_hook_on_conv_matrix_capsules_records_the_votes(routing):
+    layer = L.ConvMatrixCapsules(2, out_types=3, kernel_size=3, stride=1, routing=routing)
+    layer = layer.double()
+    poses = torch.randn(2, 4, 5, 2, 16, dtype=torch.float64)
+    acts = torch.rand(2, 4, 5, 2, dtype=torch.float64)
+    plain = layer(poses, acts)
+    out, calls = _hooked(layer, poses, acts)
+    for x, y in zip(out, plain, strict=True):
+        torch.testing.assert_close(x, y)
+    ((_, call),) = calls
+    assert call.kind == ("conv_em" if routing == "faithful" else "em")
+    votes, _, _ = layer.votes(poses, acts)
+    torch.testing.assert_close(call.arguments["votes"], votes)
+    # The recorded arguments repeat the call.
+    fn = CF.conv_em_routing if routing == "faithful" else CF.em_routing
+    again = fn(**call.arguments)
+    torch.testing.assert_close(again[1], call.outputs[1])
+
+
+def test_routing_hook_on_class_capsules_and_bad_hook():
+    layer = L.ClassMatrixCapsules(2, num_classes=4, iterations=2).double()
+    poses = torch.randn(3, 2, 2, 2, 16, dtype=torch.float64)
+    acts = torch.rand(3, 2, 2, 2, dtype=torch.float64)
+    out, calls = _hooked(layer, poses, acts)
+    assert calls[0][1].kind == "em" and calls[0][1].arguments["votes"].shape == (3, 8, 4, 16)
+    torch.testing.assert_close(calls[0][1].outputs[1], out[1])
+    with pytest.raises(TypeError, match="callable"):
+        layer.register_routing_hook("not a function")
+
+
+def test_old_positional_and_renamed_arguments_warn_but_work():
+    with pytest.warns(DeprecationWarning, match="by position"):
+        old = L.ConvMatrixCapsules(2, 3, 3, 2)
+    assert (old.out_types, old.kernel_size, old.stride) == (3, 3, 2)
+    with pytest.warns(DeprecationWarning, match="num_caps"):
+        dec = L.CapsuleDecoder(num_caps=4, caps_dim=8, output_shape=(1, 4, 4))
+    assert (dec.num_classes, dec.pose_dim, dec.num_caps) == (4, 8, 4)
+    with pytest.raises(TypeError, match="both 'num_caps'"):
+        L.CapsuleDecoder(4, num_caps=4, pose_dim=8, output_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match="positional arguments at most"):
+        L.ClassMatrixCapsules(2, 4, 2, None, True)

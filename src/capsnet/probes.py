@@ -1,9 +1,9 @@
 """Probes of what a trained model computes: routing traces, dead capsules, equivariance.
 
-* :func:`capture_routing` records every call a model makes to
-  :func:`capsnet.functional.dynamic_routing`, :func:`~capsnet.functional.em_routing` and
-  :func:`~capsnet.functional.conv_em_routing` (their inputs, outputs and settings) without
-  changing the model or the functions' results.
+* :func:`capture_routing` records every routing call of a model's capsule layers (to
+  :func:`capsnet.functional.dynamic_routing`, :func:`~capsnet.functional.em_routing` or
+  :func:`~capsnet.functional.conv_em_routing`: their inputs, outputs and settings) through
+  the layers' routing hooks, without changing the results.
 * :func:`routing_trace` re-runs a captured call with ``iterations = 1..r``: the couplings /
   assignments and parent means after each iteration, and the distance of every vote to its
   parent's mean ([H18] Fig. 2).
@@ -20,9 +20,7 @@ N examples, F feature size.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capsnet import functional as CF
+from capsnet.layers.hooks import RoutingCall, RoutingLayer
 
 __all__ = [
     "RoutingCall",
@@ -44,32 +43,8 @@ __all__ = [
     "affine_images",
 ]
 
-_ROUTING_FUNCTIONS = ("dynamic_routing", "em_routing", "conv_em_routing")
-_KIND = {"dynamic_routing": "dynamic", "em_routing": "em", "conv_em_routing": "conv_em"}
-
 
 # --------------------------------------------------------------------------- capture
-
-
-@dataclass
-class RoutingCall:
-    """One recorded routing call.
-
-    Attributes:
-        kind: ``"dynamic"``, ``"em"`` or ``"conv_em"``.
-        arguments: every argument of the call by name, defaults filled in; tensors
-            detached (``u_hat`` or ``votes``, ``activations``, ``beta_u``, ...).
-        outputs: the call's return value, detached: ``(v, c)`` for dynamic routing,
-            ``(poses, activations, assignments)`` for EM routing.
-    """
-
-    kind: str
-    arguments: dict[str, Any]
-    outputs: tuple[Tensor, ...]
-
-    @property
-    def iterations(self) -> int:
-        return int(self.arguments["iterations"])
 
 
 @dataclass
@@ -77,23 +52,18 @@ class _Capture:
     calls: list[RoutingCall] = field(default_factory=list)
 
 
-def _detach(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach()
-    if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
-    return x
-
-
 @contextlib.contextmanager
-def capture_routing(last_only: bool = False) -> Iterator[_Capture]:
-    """Record the routing calls of a model.
+def capture_routing(model: nn.Module, last_only: bool = False) -> Iterator[_Capture]:
+    """Record the routing calls of ``model``'s capsule layers.
 
-    Wraps the routing functions of :mod:`capsnet.functional` — in that module and in every
-    loaded ``capsnet.*`` module that imported them by name — for the duration of the
-    ``with`` block. Results are unchanged; the wrappers only keep detached references.
+    Registers a routing hook (:meth:`capsnet.layers.RoutingLayer.register_routing_hook`) on
+    every routing layer of ``model`` for the duration of the ``with`` block and removes
+    them on exit. Results are unchanged; the hooks keep detached references. While hooked,
+    a convolutional matrix-capsule layer computes its votes explicitly (so they can be
+    recorded), which costs time and memory.
 
     Args:
+        model: any module containing capsnet routing layers.
         last_only: keep only the latest call (the class capsule layer of a forward pass);
             saves memory when the convolutional capsule layers' votes are not needed.
 
@@ -102,50 +72,30 @@ def capture_routing(last_only: bool = False) -> Iterator[_Capture]:
 
     Example::
 
-        with capture_routing() as cap:
+        with capture_routing(model) as cap:
             model(images)
         last = cap.calls[-1]          # the class capsule layer
         trace = routing_trace(last)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "capture_routing takes the model whose routing to record: "
+            f"capture_routing(model, last_only=...), got {type(model).__name__}"
+        )
     capture = _Capture()
-    originals = {name: getattr(CF, name) for name in _ROUTING_FUNCTIONS}
 
-    def wrap_routing(name: str):
-        original = originals[name]
-        signature = inspect.signature(original)
+    def record(_: nn.Module, call: RoutingCall) -> None:
+        if last_only:
+            capture.calls.clear()
+        capture.calls.append(call)
 
-        def wrapper(*args: Any, **kwargs: Any):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            out = original(*args, **kwargs)
-            arguments = {k: _detach(v) for k, v in bound.arguments.items()}
-            if last_only:
-                capture.calls.clear()
-            capture.calls.append(RoutingCall(_KIND[name], arguments, _detach(out)))
-            return out
-
-        return wrapper
-
-    wrappers = {name: wrap_routing(name) for name in _ROUTING_FUNCTIONS}
-    patched: list[tuple[Any, str, Any]] = []
-    by_identity = {id(originals[n]): n for n in wrappers}
-    for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == "capsnet" or module_name.startswith("capsnet.")):
-            continue
-        for attr, value in list(vars(module).items()):
-            name = by_identity.get(id(value))
-            if name is not None and value is originals[name]:
-                patched.append((module, attr, value))
-                setattr(module, attr, wrappers[name])
-    # Convolutional matrix-capsule layers route without storing their votes; while
-    # capturing, they compute them first and make a (recorded) conv_em_routing call.
-    patched.append((CF, "conv_matrix_capsules", CF.conv_matrix_capsules))
-    CF.conv_matrix_capsules = CF._conv_matrix_capsules_two_step
+    layers = [m for m in model.modules() if isinstance(m, RoutingLayer)]
+    handles = [layer.register_routing_hook(record) for layer in layers]
     try:
         yield capture
     finally:
-        for module, attr, value in patched:
-            setattr(module, attr, value)
+        for handle in handles:
+            handle.remove()
 
 
 # --------------------------------------------------------------------------- routing trace

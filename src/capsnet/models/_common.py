@@ -6,16 +6,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from capsnet.layers import _check_targets
+from capsnet.layers.layouts import check_class_targets, positive_int
 
 __all__ = ["as_size", "positive_int", "check_images", "check_targets"]
-
-
-def positive_int(name: str, value: int) -> int:
-    """``value`` if it is an int >= 1, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def as_size(input_size: int | Sequence[int]) -> tuple[int, int]:
@@ -50,4 +43,4 @@ def check_images(images: Tensor, in_channels: int, input_size: tuple[int, int]) 
 def check_targets(targets: Tensor | None, batch: int, num_classes: int) -> None:
     """``targets`` must be None or int64 ``(B,)`` in ``[0, num_classes)``."""
     if targets is not None:
-        _check_targets(targets, batch, num_classes)
+        check_class_targets(targets, batch, num_classes)

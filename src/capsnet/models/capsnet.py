@@ -88,14 +88,19 @@ class CapsNet(nn.Module):
                 f"got {self.input_size}"
             )
         self.conv1 = nn.Conv2d(in_channels, conv_channels, 9, **kw)
-        self.primary = PrimaryCapsules(conv_channels, primary_types, primary_dim, 9, 2, **kw)
+        self.primary = PrimaryCapsules(
+            conv_channels, out_types=primary_types, pose_dim=primary_dim, kernel_size=9,
+            stride=2, **kw,
+        )  # fmt: skip
         in_caps = grid[0] * grid[1] * primary_types
         self.digits = DenseCapsules(
-            in_caps, primary_dim, num_classes, class_dim, iterations,
-            detach_inner=detach_inner, checkpoint=checkpoint, **kw,
+            in_caps, in_dim=primary_dim, out_caps=num_classes, out_dim=class_dim,
+            iterations=iterations, detach_inner=detach_inner, checkpoint=checkpoint, **kw,
         )  # fmt: skip
         self.decoder = (
-            CapsuleDecoder(num_classes, class_dim, (in_channels, *self.input_size), **kw)
+            CapsuleDecoder(
+                num_classes, pose_dim=class_dim, output_shape=(in_channels, *self.input_size), **kw
+            )
             if reconstruction
             else None
         )

@@ -152,12 +152,13 @@ class MatrixCapsNet(nn.Module):
             **kw,
         }
         self.conv1 = nn.Conv2d(in_channels, a, 5, stride=2, **kw)
-        self.primary = PrimaryMatrixCapsules(a, b, **kw)
-        self.conv_caps1 = ConvMatrixCapsules(b, c, 3, 2, routing=routing, **routing_kw)
-        self.conv_caps2 = ConvMatrixCapsules(c, d, 3, 1, routing=routing, **routing_kw)
+        self.primary = PrimaryMatrixCapsules(a, out_types=b, **kw)
+        conv = {"kernel_size": 3, "routing": routing, **routing_kw}
+        self.conv_caps1 = ConvMatrixCapsules(b, out_types=c, stride=2, **conv)
+        self.conv_caps2 = ConvMatrixCapsules(c, out_types=d, stride=1, **conv)
         self.class_caps = ClassMatrixCapsules(
             d,
-            num_classes,
+            num_classes=num_classes,
             coordinate_addition=coordinate_addition,
             coordinate_elements=tuple(coordinate_elements),
             **routing_kw,

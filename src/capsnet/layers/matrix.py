@@ -1,0 +1,408 @@
+"""Matrix capsule layers of [H18]: primary matrix capsules, convolutional capsules and
+class capsules, both with EM routing.
+
+Letters: ``B`` batch, ``H x W`` a capsule grid, ``T`` capsule types per position, ``K``
+kernel size, ``P`` parent positions, ``E`` classes; poses are flattened 4x4 matrices
+(16 values). The paper's layer sizes are A (ReLU conv channels), B (primary capsule types),
+C and D (the two convolutional capsule layers' types), E (classes).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from capsnet import functional as CF
+from capsnet.layers._compat import deprecated_arguments
+from capsnet.layers.hooks import RoutingLayer
+from capsnet.layers.layouts import (
+    capsules_from_feature_map,
+    check_tensor,
+    conv_output_size,
+    flatten_capsules,
+    maybe_checkpoint,
+    positive_int,
+)
+
+__all__ = [
+    "ROUTING_MODES",
+    "authors_inverse_temperatures",
+    "PrimaryMatrixCapsules",
+    "ConvMatrixCapsules",
+    "ClassMatrixCapsules",
+]
+
+ROUTING_MODES = CF.ROUTING_MODES
+
+
+def _check_grid(
+    name: str, poses: Tensor, activations: Tensor, types: int, pose_dim: int = 16
+) -> None:
+    expected = f"(B, H, W, {types}, {pose_dim})"
+    check_tensor(f"{name} poses", poses, 5, expected)
+    if poses.shape[3:] != (types, pose_dim):
+        raise ValueError(f"{name} poses must have shape {expected}, got {tuple(poses.shape)}")
+    check_tensor(f"{name} activations", activations, 4, f"(B, H, W, {types})")
+    if activations.shape != poses.shape[:4]:
+        raise ValueError(
+            f"{name} activations must have shape {tuple(poses.shape[:4])} (poses.shape[:4]), "
+            f"got {tuple(activations.shape)}"
+        )
+
+
+def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
+    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default.
+
+    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code:
+    ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+
+    Note:
+        Not :func:`capsnet.functional.default_inverse_temperatures` (lambda 1 -> 3): with
+        the paper's cost, lambda of order 1 saturates the logistic of a freshly initialised
+        layer (``lambda * cost`` is in the tens to hundreds), every activation is exactly
+        1.0 in float32 and no gradient reaches the layers below. Small lambdas keep the
+        logistic in its linear range, so the network trains (see
+        :class:`capsnet.models.MatrixCapsNet`).
+    """
+    positive_int("iterations", iterations)
+    return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
+
+
+def _check_routing_options(
+    iterations: int, inverse_temperatures: Sequence[float] | None
+) -> tuple[float, ...]:
+    """The layers' schedule: the given one, else :func:`authors_inverse_temperatures`."""
+    positive_int("iterations", iterations)
+    if inverse_temperatures is None:
+        inverse_temperatures = authors_inverse_temperatures(iterations)
+    return tuple(CF.resolve_inverse_temperatures(iterations, inverse_temperatures))
+
+
+def _init_transform(weight: Tensor, init_std: float) -> None:
+    """Transformation matrices: identity plus N(0, init_std^2) noise (see MatrixCapsNet)."""
+    with torch.no_grad():
+        weight.normal_(0.0, init_std)
+        weight.add_(torch.eye(4, device=weight.device, dtype=weight.dtype))
+
+
+class PrimaryMatrixCapsules(nn.Module):
+    """Primary matrix capsules, [H18] §4: a pose convolution and a sigmoid activation conv.
+
+    A ``kernel_size`` (1 in the paper) convolution gives ``T * 16`` pose channels (channels
+    ``t*16 .. t*16 + 15`` at one position are the 4x4 pose of type ``t``, row-major) and a
+    second one gives ``T`` activation logits, squashed by a sigmoid.
+
+    Args:
+        in_channels: A, channels of the input feature map.
+        out_types: T (the paper's B), capsule types per position.
+        kernel_size: of both convolutions (1 in the paper).
+
+    Shape:
+        - input: ``(B, C, H, W)``.
+        - output: ``(poses (B, H, W, T, 16), activations (B, H, W, T))``.
+    """
+
+    @deprecated_arguments(positional=("out_types", "kernel_size"))
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        out_types: int,
+        kernel_size: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_types = positive_int("out_types", out_types)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
+        kw = {"device": device, "dtype": dtype}
+        self.pose = nn.Conv2d(in_channels, out_types * 16, kernel_size, **kw)
+        self.activation = nn.Conv2d(in_channels, out_types, kernel_size, **kw)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_tensor("x", x, 4, f"(B, {self.in_channels}, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        poses = capsules_from_feature_map(self.pose(x), 16)  # (B, H, W, T, 16)
+        logits = capsules_from_feature_map(self.activation(x), 1).squeeze(-1)  # (B, H, W, T)
+        return poses, torch.sigmoid(logits)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_types={self.out_types}"
+
+
+class ConvMatrixCapsules(RoutingLayer):
+    """Convolutional matrix capsule layer with EM routing, [H18] §3-4.
+
+    Every parent position routes the ``K*K*in_types`` children of its receptive field (a valid,
+    unpadded convolution with ``stride``). Votes ``V = M W`` use one 4x4 ``W`` per (kernel
+    offset, input type, output type), shared across positions; ``beta_u`` and ``beta_a``
+    are learned per output type (zeros at init).
+
+    ``routing`` selects how a child's assignments are normalised:
+
+    * ``"faithful"`` (default): over every parent, at every output position and of every
+      type, whose receptive field contains the child
+      (:func:`capsnet.functional.conv_em_routing`). This is what a child feeding several
+      overlapping parents means in [H18]; the official code and the best reproduction
+      ([G19], pitfall 1) do it, so it is the default.
+    * ``"per_position"``: each receptive field routed on its own, over the ``C`` parents of
+      that position (:func:`capsnet.functional.em_routing` on the same tensors): the common
+      simplification of public implementations, a little cheaper.
+
+    Args:
+        in_types: input capsule types per position (the paper's B for ConvCaps1).
+        out_types: output capsule types per position (the paper's C for ConvCaps1).
+        kernel_size: K (3 in the paper).
+        stride: 2 for ConvCaps1, 1 for ConvCaps2 in the paper.
+        iterations: EM iterations (default 2, see :class:`capsnet.models.MatrixCapsNet`;
+            the paper used 3).
+        inverse_temperatures: lambda per iteration (None: :func:`authors_inverse_temperatures`,
+            ``0.01 * (1 - 0.95 ** t)``).
+        routing: ``"faithful"`` or ``"per_position"``.
+        normalize_cost: standardise the EM cost over parents before the logistic (opt-in,
+            not in the paper; see :func:`capsnet.functional.em_routing`).
+        init_std: ``W`` starts as the identity plus N(0, init_std^2) noise.
+        checkpoint: keep only the layer's input for the backward pass and rerun its
+            forward there. The votes are never stored anyway
+            (:func:`capsnet.functional.conv_matrix_capsules`); this also drops the
+            per-iteration assignments (``iterations * K*K*in_types*out_types`` numbers per
+            parent position) for one more forward pass.
+
+    Shape:
+        - input: ``poses (B, H, W, in_types, 16)``, ``activations (B, H, W, in_types)``.
+        - output: ``poses (B, H_out, W_out, out_types, 16)``,
+          ``activations (B, H_out, W_out, out_types)``, ``H_out = (H - K) // stride + 1``.
+    """
+
+    @deprecated_arguments(
+        positional=("out_types", "kernel_size", "stride", "iterations", "inverse_temperatures")
+    )
+    def __init__(
+        self,
+        in_types: int,
+        *,
+        out_types: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        iterations: int = 2,
+        inverse_temperatures: Sequence[float] | None = None,
+        routing: str = "faithful",
+        normalize_cost: bool = False,
+        init_std: float = 0.5,
+        checkpoint: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.checkpoint = bool(checkpoint)
+        self.in_types = positive_int("in_types", in_types)
+        self.out_types = positive_int("out_types", out_types)
+        self.kernel_size = positive_int("kernel_size", kernel_size)
+        self.stride = positive_int("stride", stride)
+        self.iterations = iterations
+        self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.routing = routing
+        self.normalize_cost = bool(normalize_cost)
+        self.init_std = float(init_std)
+        kw = {"device": device, "dtype": dtype}
+        kk = kernel_size * kernel_size
+        self.weight = nn.Parameter(torch.empty(kk, in_types, out_types, 4, 4, **kw))
+        self.beta_u = nn.Parameter(torch.zeros(out_types, **kw))
+        self.beta_a = nn.Parameter(torch.zeros(out_types, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_transform(self.weight, self.init_std)
+        nn.init.zeros_(self.beta_u)
+        nn.init.zeros_(self.beta_a)
+
+    def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """``(H_out, W_out)`` for an ``(H, W)`` input grid."""
+        return tuple(conv_output_size(s, self.kernel_size, self.stride) for s in input_size)
+
+    def votes(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """Gather receptive fields and compute ``V = M W`` for every (child, parent).
+
+        For looking at the votes; :meth:`forward` never stores them
+        (:func:`capsnet.functional.conv_matrix_capsules`).
+
+        Shape: grid ``(B, H, W, in_types, 16)`` -> votes ``(B, P, K*K*in_types, out_types,
+        16)``, child activations ``(B, P, K*K*in_types)``, and ``(H_out, W_out)``.
+        """
+        self._check_input(poses, activations)
+        votes, child_act = CF.conv_capsule_votes(
+            poses, activations, self.weight, self.kernel_size, self.stride
+        )
+        return votes, child_act, self.output_size(tuple(poses.shape[1:3]))
+
+    def _check_input(self, poses: Tensor, activations: Tensor) -> None:
+        _check_grid("input", poses, activations, self.in_types)
+        h, w = poses.shape[1:3]
+        if h < self.kernel_size or w < self.kernel_size:
+            raise ValueError(f"input grid {h}x{w} is smaller than kernel_size={self.kernel_size}")
+
+    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_input(poses, activations)
+        if self.has_routing_hooks:
+            return self._forward_hooked(poses, activations)
+        return maybe_checkpoint(
+            self.checkpoint,
+            CF.conv_matrix_capsules,
+            poses,
+            activations,
+            self.weight,
+            self.beta_u,
+            self.beta_a,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            iterations=self.iterations,
+            inverse_temperatures=self.inverse_temperatures,
+            routing=self.routing,
+            normalize_cost=self.normalize_cost,
+        )
+
+    def _forward_hooked(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` as votes + a routing call that the routing hooks see."""
+        votes, child_act, (h_out, w_out) = self.votes(poses, activations)
+        options = {
+            "iterations": self.iterations,
+            "inverse_temperatures": self.inverse_temperatures,
+            "normalize_cost": self.normalize_cost,
+        }
+        if self.routing == "faithful":
+            mu, act, _ = self._routed(
+                "conv_em", CF.conv_em_routing, votes, child_act, self.beta_u, self.beta_a,
+                in_size=tuple(poses.shape[1:3]), kernel_size=self.kernel_size,
+                stride=self.stride, **options,
+            )  # fmt: skip
+        else:
+            mu, act, _ = self._routed(
+                "em", CF.em_routing, votes, child_act, self.beta_u, self.beta_a, **options
+            )
+        n = poses.shape[0]
+        return (
+            mu.reshape(n, h_out, w_out, self.out_types, 16),
+            act.reshape(n, h_out, w_out, self.out_types),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_types={self.in_types}, out_types={self.out_types}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"iterations={self.iterations}, routing={self.routing!r}, "
+            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
+        )
+
+
+class ClassMatrixCapsules(RoutingLayer):
+    """Class capsules, [H18] §3-4: one ``W`` per (input type, class) shared over positions.
+
+    Every child capsule of the grid votes for every class; EM routing runs over all
+    ``H*W*in_types`` children at once. With ``coordinate_addition`` the scaled
+    ``(row, col)`` of each child's position is added to the first two vote entries
+    (:func:`capsnet.functional.coordinate_addition`), for any, also rectangular, grid.
+
+    Args:
+        in_types: input capsule types per position (the paper's D).
+        num_classes: E, class capsules.
+        iterations, inverse_temperatures, normalize_cost, init_std, checkpoint: as in
+            :class:`ConvMatrixCapsules` (``checkpoint`` recomputes the votes too).
+        coordinate_addition: add scaled coordinates to the votes (paper: yes).
+        coordinate_elements: the two vote entries that get the row and the column:
+            ``(0, 1)`` (docs/spec.md §2), or ``(3, 7)`` for the paper's "right-hand column" reading
+            (see :func:`capsnet.functional.coordinate_addition`).
+
+    Shape:
+        - input: ``poses (B, H, W, in_types, 16)``, ``activations (B, H, W, in_types)``.
+        - output: ``poses (B, num_classes, 16)``, ``activations (B, num_classes)``.
+    """
+
+    @deprecated_arguments(positional=("num_classes", "iterations", "inverse_temperatures"))
+    def __init__(
+        self,
+        in_types: int,
+        *,
+        num_classes: int,
+        iterations: int = 2,
+        inverse_temperatures: Sequence[float] | None = None,
+        coordinate_addition: bool = True,
+        coordinate_elements: tuple[int, int] = (0, 1),
+        normalize_cost: bool = False,
+        init_std: float = 0.5,
+        checkpoint: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.checkpoint = bool(checkpoint)
+        self.in_types = positive_int("in_types", in_types)
+        self.num_classes = positive_int("num_classes", num_classes)
+        self.iterations = iterations
+        self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
+        self.coordinate_addition = bool(coordinate_addition)
+        self.coordinate_elements = tuple(int(x) for x in coordinate_elements)
+        if len(self.coordinate_elements) != 2 or not all(
+            0 <= x < 16 for x in self.coordinate_elements
+        ):
+            raise ValueError(
+                f"coordinate_elements must be two indices in 0..15, got {coordinate_elements!r}"
+            )
+        self.normalize_cost = bool(normalize_cost)
+        self.init_std = float(init_std)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(in_types, num_classes, 4, 4, **kw))
+        self.beta_u = nn.Parameter(torch.zeros(num_classes, **kw))
+        self.beta_a = nn.Parameter(torch.zeros(num_classes, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_transform(self.weight, self.init_std)
+        nn.init.zeros_(self.beta_u)
+        nn.init.zeros_(self.beta_a)
+
+    def votes(self, poses: Tensor) -> Tensor:
+        """``V = M W`` (+ coordinates): ``(B, H, W, in_types, 16)`` -> ``(B, I, E, 16)``."""
+        b, h, w = poses.shape[:3]
+        m = poses.reshape(b, h, w, self.in_types, 4, 4)
+        # Parent-major (B, E, H*W*in_types, 16) as a transposed view, as in ConvMatrixCapsules.
+        votes = torch.einsum("bhwixy,ieyz->behwixz", m, self.weight)
+        votes = votes.reshape(b, self.num_classes, h * w * self.in_types, 16).transpose(1, 2)
+        if self.coordinate_addition:
+            votes = CF.coordinate_addition(votes, h, w, self.coordinate_elements)
+        return votes
+
+    def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        _check_grid("input", poses, activations, self.in_types)
+        checkpoint = self.checkpoint and not self.has_routing_hooks
+        return maybe_checkpoint(checkpoint, self._route, poses, activations)
+
+    def _route(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
+        route = CF.em_routing
+        if self.has_routing_hooks:
+            route = functools.partial(self._routed, "em", CF.em_routing)
+        mu, act, _ = route(
+            self.votes(poses),
+            flatten_capsules(activations),
+            self.beta_u,
+            self.beta_a,
+            self.iterations,
+            self.inverse_temperatures,
+            normalize_cost=self.normalize_cost,
+        )
+        return mu, act
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_types={self.in_types}, num_classes={self.num_classes}, "
+            f"iterations={self.iterations}, coordinate_addition={self.coordinate_addition}, "
+            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
+        )
