@@ -133,6 +133,7 @@ def _check_models(models: Mapping[str, nn.Module]) -> None:
 
 
 def _describe(models: Mapping[str, nn.Module], names: Mapping[str, str] | None) -> dict:
+    """The record's ``models`` entry: class, registry name and parameter count per label."""
     return {
         label: {
             "class": type(m).__name__,
@@ -161,6 +162,7 @@ _TRANSFORMS = ("rotation", "translation", "scale")
 
 
 def _transform(kind: str, value: float) -> Callable[[Tensor], Tensor]:
+    """The transform T of model inputs ``(B, C, H, W)`` that sweeps and equivariance apply."""
     if kind == "rotation":
         return lambda x: probes.affine_images(x, angle=value)
     if kind == "translation":
