@@ -9,7 +9,7 @@ import re
 import pytest
 
 from capsnet import experiment_cli, experiments, report
-from test_experiments import FakeDataset, TinyCNN
+from experiment_helpers import FakeDataset, TinyCNN
 
 
 def fake_run(tmp_path):
