@@ -53,7 +53,7 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def capture_routing(model: nn.Module, last_only: bool = False) -> Iterator[_Capture]:
+def capture_routing(model: nn.Module | None = None, last_only: bool = False) -> Iterator[_Capture]:
     """Record the routing calls of ``model``'s capsule layers.
 
     Registers a routing hook (:meth:`capsnet.layers.RoutingLayer.register_routing_hook`) on
