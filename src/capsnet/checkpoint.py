@@ -10,10 +10,12 @@ A checkpoint ``TAG`` (``last`` or ``best``) in a run directory is
   random-number generator states.
 
 Loading never executes code: weights and tensors come from safetensors, everything else
-from JSON. Every file is written to a temporary name, flushed and renamed into place; the
-files of one checkpoint share a ``checkpoint_id``, and a save interrupted between the
-renames is completed (rolled forward) on the next load, so a killed run always finds a
-consistent checkpoint.
+from JSON. Every file is written to a temporary name, flushed and renamed into place (other
+files of a run use :func:`capsnet.io.atomic_write`, re-exported here; a checkpoint's files
+use fixed temporary names ``.NAME.tmp``, which the roll-forward recognises). The files of
+one checkpoint share a ``checkpoint_id``, and a save interrupted between the renames is
+completed (rolled forward) on the next load, so a killed run always finds a consistent
+checkpoint. Only one process (rank 0) saves a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from capsnet.io import atomic_write, write_flushed
+
 __all__ = [
     "atomic_write",
     "save_checkpoint",
@@ -41,22 +45,6 @@ __all__ = [
 ]
 
 _FORMAT = "capsnet-checkpoint-1"
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_flushed(tmp, data)
-    os.replace(tmp, path)
-
-
-def _write_flushed(path: Path, data: bytes | str) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    with open(path, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # ------------------------------------------------------------------ nested state <-> JSON
@@ -177,7 +165,7 @@ def save_checkpoint(
     # All files first, then the renames: a crash before the renames leaves the old
     # checkpoint intact; a crash between them is completed by _consistent_files.
     for key, data in files.items():
-        _write_flushed(_tmp(paths[key]), data)
+        write_flushed(_tmp(paths[key]), data)
     for key in files:
         os.replace(_tmp(paths[key]), paths[key])
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from capsnet.io import atomic_write
+
 __all__ = ["build_report", "collect_records", "read_metrics"]
 
 _CSS = """
@@ -561,8 +563,4 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
         + "\n".join(body)
         + "\n</main></body></html>\n"
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, output)
-    return output
+    return atomic_write(output, page)
