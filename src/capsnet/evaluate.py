@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capsnet import distributed
+from capsnet.devices import resolve_device
 
 __all__ = ["EvalResult", "evaluate", "evaluate_checkpoint"]
 
@@ -233,7 +234,7 @@ def evaluate_checkpoint(
     meta = read_metadata(path, which)
     config = meta["config"]
     split = split or config.get("eval_split", "test")
-    dev = distributed.resolve_device(device)
+    dev = resolve_device(device)
     name = dataset or config.get("dataset", "mnist")
     # The run's dataset options apply to its own dataset, not to another one.
     options = config.get("data_kwargs", {}) if name == config.get("dataset") else {}

@@ -322,7 +322,7 @@ def _progress(args: argparse.Namespace) -> Any:
 
 
 def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[LoadedRun], Any, Path, str]:
-    from capsnet.experiments import resolve_device
+    from capsnet.devices import resolve_device
 
     device = str(resolve_device(args.device))
     runs = [load_run(args.run, which=args.which, device=device)]
