@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from capsnet._checks import check_choice
 from capsnet.io import atomic_write, write_flushed
 
 __all__ = [
@@ -269,8 +270,11 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
 def read_metadata(path: str | Path, which: str = "best") -> dict[str, Any]:
     """Model name, kwargs, run config, epoch and step stored with a checkpoint's weights."""
     file = resolve_weights(path, which)
-    with safe_open(str(file), "pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(file), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for torn files
+        raise ValueError(f"{file} is not a readable .safetensors file: {err}") from err
     if meta.get("format") != _FORMAT or "model" not in meta:
         raise ValueError(
             f"{file} is not a capsnet checkpoint (no model name in its metadata); load plain "
@@ -287,7 +291,8 @@ def read_metadata(path: str | Path, which: str = "best") -> dict[str, Any]:
 
 
 def load(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> nn.Module:
-    """A trained model, ready for inference (``eval()`` mode).
+    """A trained model, ready for inference (``eval()`` mode): the weight-loading core of
+    :func:`capsnet.runs.load_run` and :func:`capsnet.load` (which also resolve the device).
 
     Args:
         path: a run directory or a ``.safetensors`` checkpoint written by capsnet.
@@ -300,8 +305,7 @@ def load(path: str | Path, *, which: str = "best", device: str | torch.device = 
         model = capsnet.load("runs/quickstart")
         scores = model(images).scores  # (B, num_classes)
     """
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    check_choice("which", which, ("best", "last"))
     from capsnet import models
 
     meta = read_metadata(path, which)

@@ -17,58 +17,19 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from capsnet.runs import Run, load_run, run_dataset
 
 __all__ = ["register_cli", "main", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
 
 
-@dataclass
-class LoadedRun:
-    """A trained model with what the experiments need to know about it."""
-
-    model: Any
-    name: str  # registry name
-    label: str  # shown in plots and tables
-    run_dir: Path  # the run directory (or the checkpoint's folder)
-    config: dict[str, Any]
-    path: str  # the weights file
+# The former homes of these; capsnet.runs is the one place that loads a run.
+LoadedRun = Run
 
 
-def load_run(path: str | os.PathLike, *, which: str = "best", device: str = "cpu") -> LoadedRun:
-    """Load a run directory or ``.safetensors`` checkpoint with its metadata."""
-    from capsnet.checkpoint import load, read_metadata
-
-    meta = read_metadata(path, which)
-    model = load(path, which=which, device=device)
-    p = Path(path)
-    run_dir = p if p.is_dir() else p.parent
-    return LoadedRun(model, meta["model"], meta["model"], run_dir, meta["config"], meta["path"])
-
-
-def run_dataset(
-    run: LoadedRun,
-    *,
-    split: str = "test",
-    dataset: str | None = None,
-    data_root: str | None = None,
-    download: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """The test data of a run: its dataset (or ``dataset``) with its ``data_kwargs``."""
-    from capsnet import data
-
-    name = dataset or run.config.get("dataset")
-    if not name:
-        raise ValueError(f"{run.run_dir}: the checkpoint names no dataset; pass --dataset")
-    data_kwargs = dict(run.config.get("data_kwargs") or {}) if dataset is None else {}
-    data_kwargs.update(kwargs)
-    root = data_root or run.config.get("data_root")
-    return data.create(name, split=split, root=root, download=download, **data_kwargs)
-
-
-def _unique_labels(runs: Sequence[LoadedRun]) -> None:
+def _unique_labels(runs: Sequence[Run]) -> None:
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.label] = seen.get(r.label, 0) + 1
@@ -321,19 +282,15 @@ def _progress(args: argparse.Namespace) -> Any:
     return tqdm
 
 
-def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[LoadedRun], Any, Path, str]:
+def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[Run], Any, Path, str]:
     from capsnet.devices import resolve_device
 
     device = str(resolve_device(args.device))
     runs = [load_run(args.run, which=args.which, device=device)]
     runs += [load_run(b, which=args.which, device=device) for b in getattr(args, "baseline", [])]
     _unique_labels(runs)
-    dataset = run_dataset(
-        runs[0],
-        split=args.split,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        download=args.download,
+    dataset = runs[0].dataset(
+        args.split, dataset=args.dataset, data_root=args.data_root, download=args.download
     )
     out = Path(args.out) if args.out else runs[0].run_dir / "experiments" / experiment
     return runs, dataset, out, device
