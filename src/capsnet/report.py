@@ -540,7 +540,7 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     if not records:
         body.append(
             '<h2>Experiments</h2><p class="muted">none yet: run e.g. '
-            f"<code>capsnet attack {_esc(run_dir)}</code> or "
+            f"<code>capsnet experiment attack {_esc(run_dir)}</code> or "
             f"<code>capsnet experiment all {_esc(run_dir)}</code></p>"
         )
     for path, record in records:
