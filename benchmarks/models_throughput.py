@@ -21,7 +21,7 @@ import time
 import torch
 
 from capsnet import models
-from capsnet.train import compute_loss
+from capsnet.objectives import compute_loss
 
 CASES = [
     ("capsnet", {}, 128),

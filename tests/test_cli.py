@@ -132,3 +132,67 @@ def test_python_dash_m_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "quickstart" in proc.stdout
+
+
+def test_experiment_attack_and_the_former_attack_command(data_root, tmp_path, capsys):
+    """`capsnet experiment attack` writes RUN/experiments/attack/; the former `capsnet
+    attack` runs the same code after a one-line note, and so does the former --out."""
+    run = tmp_path / "run"
+    assert main(["train", *tiny_flags(data_root, run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    flags = ["--epsilons", "0,0.1", "--methods", "fgsm", "--targeted", "no"]
+    flags += ["--max-examples", "8", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    assert main(["experiment", "attack", str(run), *flags]) == 0
+    out, err = capsys.readouterr()
+    record = json.loads((run / "experiments" / "attack" / "attack.json").read_text())
+    assert record["experiment"] == "attack" and str(run / "experiments" / "attack") in out
+    assert "note" not in err
+
+    assert main(["attack", str(run), *flags, "--out", str(tmp_path / "old")]) == 0
+    out, err = capsys.readouterr()
+    old = json.loads((tmp_path / "old" / "attack.json").read_text())
+    assert old["summary"] == record["summary"]
+    assert err.splitlines() == [
+        "capsnet: note: --out is now --output-dir",
+        "capsnet: note: `capsnet attack` is now `capsnet experiment attack`",
+    ]
+    new = tmp_path / "new"
+    assert main(["experiment", "attack", str(run), *flags, "--output-dir", str(new)]) == 0
+    assert json.loads((new / "attack.json").read_text())["summary"] == record["summary"]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["experiment", "routing", "RUN"],
+        ["experiment", "attack", "RUN"],
+        ["attack", "RUN"],
+        ["experiment", "viewpoint"],
+        ["experiment", "affnist-protocol"],
+    ],
+)
+def test_one_output_folder_flag(argv, capsys):
+    from capsnet.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*argv, "--output-dir", "D"]).output_dir == "D"
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args([*argv, "--out", "E"]).output_dir == "E"  # the former name
+    assert capsys.readouterr().err == "capsnet: note: --out is now --output-dir\n"
+    assert parser.parse_args(argv).output_dir is None
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--output-dir DIR" in help_text and "--out " not in help_text
+
+
+def test_single_file_commands_take_output(capsys):
+    from capsnet.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "RUN", "--output", "r.json"]).output == "r.json"
+    assert parser.parse_args(["report", "RUN", "--output", "r.html"]).output == "r.html"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "--output-dir DIR" in capsys.readouterr().out

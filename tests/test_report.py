@@ -110,7 +110,7 @@ def test_report_without_experiments_says_how_to_run_them(tmp_path):
     run = fake_run(tmp_path)
     out = report.build_report(run, output=tmp_path / "elsewhere" / "r.html")
     page = out.read_text()
-    assert "capsnet attack" in page
+    assert "capsnet experiment attack" in page
     assert not (run / "report.html").exists()
 
 

@@ -1,5 +1,6 @@
-"""The training loop: losses, schedules, run directory contents, exact resume (also after
-SIGKILL mid-epoch), precision and data subsets."""
+"""The training loop: run directory contents, exact resume (also after SIGKILL mid-epoch),
+precision and data subsets (its losses: test_objectives.py, its schedules:
+test_schedules.py)."""
 
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 from capsnet import functional as F
 from capsnet.config import RunConfig
 from capsnet.models import ModelOutput
-from capsnet.train import _lr_factor, compute_loss, resume_config, train
+from capsnet.train import resume_config, train
 from training_helpers import TINY_MODEL, assert_same_weights, make_mnist, tiny_config, weights
 
 
@@ -25,44 +26,6 @@ def data_root(tmp_path_factory):
 
 def _read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_compute_loss_matches_the_papers():
-    torch.manual_seed(0)
-    scores = torch.rand(5, 10)
-    labels = torch.randint(0, 10, (5,))
-    images = torch.rand(5, 1, 4, 4)
-    recon = torch.rand(5, 1, 4, 4)
-    out = ModelOutput(scores, torch.zeros(5, 10, 16), recon)
-    expected = (
-        F.margin_loss(scores, labels) + 0.0005 * ((recon - images) ** 2).sum((1, 2, 3)).mean()
-    )
-    assert torch.allclose(compute_loss("margin", out, images, labels), expected)
-    no_recon = out._replace(reconstructions=None)
-    assert torch.allclose(
-        compute_loss("margin", no_recon, images, labels), F.margin_loss(scores, labels)
-    )
-    assert torch.allclose(
-        compute_loss("spread", out, images, labels, margin=0.4),
-        F.spread_loss(scores, labels, 0.4),
-    )
-    assert torch.allclose(
-        compute_loss("cross_entropy", out, images, labels),
-        torch.nn.functional.cross_entropy(scores, labels),
-    )
-    with pytest.raises(ValueError, match="margin"):
-        compute_loss("hinge", out, images, labels)
-
-
-def test_learning_rate_schedules():
-    cfg = RunConfig(lr_decay_rate=0.96, lr_decay_steps=2000)  # Sabour: 0.96 every 2000 steps
-    f = _lr_factor(cfg, 10_000)
-    assert f(0) == 1.0 and math.isclose(f(2000), 0.96) and math.isclose(f(1000), 0.96**0.5)
-    f = _lr_factor(RunConfig(lr_decay_steps=20_000, lr_staircase=True), 10**6)
-    assert f(19_999) == 1.0 and math.isclose(f(20_000), 0.96) and math.isclose(f(45_000), 0.96**2)
-    f = _lr_factor(RunConfig(lr_schedule="cosine"), 100)
-    assert f(0) == 1.0 and math.isclose(f(50), 0.5) and abs(f(100)) < 1e-12 and abs(f(200)) < 1e-12
-    assert _lr_factor(RunConfig(lr_schedule="constant"), 10)(7) == 1.0
 
 
 def test_run_directory_and_metrics(data_root, tmp_path):

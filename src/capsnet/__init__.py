@@ -7,7 +7,8 @@ with EM routing (Hinton, Sabour & Frosst 2018).
 * :mod:`capsnet.layers`: ``nn.Module`` capsule layers.
 * :mod:`capsnet.models`: the papers' models and baselines through a registry.
 * :mod:`capsnet.data`: datasets with the papers' preprocessing and a fast batch loader.
-* :func:`capsnet.load`: a trained model back from a run directory or checkpoint.
+* :func:`capsnet.load`: a trained model back from a run directory or checkpoint
+  (:func:`capsnet.runs.load_run` also gives its config and dataset).
 """
 
 from __future__ import annotations
@@ -27,5 +28,5 @@ def __getattr__(name: str) -> Any:
     if name == "data":
         return importlib.import_module("capsnet.data")
     if name == "load":
-        return importlib.import_module("capsnet.checkpoint").load
+        return importlib.import_module("capsnet.runs").load_model
     raise AttributeError(f"module 'capsnet' has no attribute {name!r}")

@@ -40,10 +40,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capsnet import functional as CF
+from capsnet._checks import check_choice
+from capsnet.objectives import LOSSES, class_loss
 
 __all__ = [
     "ATTACK_LOSSES",
@@ -55,7 +55,8 @@ __all__ = [
     "evaluate_attack",
 ]
 
-ATTACK_LOSSES = ("cross_entropy", "margin", "spread")
+ATTACK_LOSSES = ("cross_entropy", *(name for name in LOSSES if name != "cross_entropy"))
+"""The attack losses (those of :func:`capsnet.objectives.class_loss`, default first)."""
 METHODS = ("fgsm", "bim")
 
 Preprocess = Callable[[Tensor], Tensor]
@@ -67,7 +68,8 @@ Preprocess = Callable[[Tensor], Tensor]
 def attack_loss(
     scores: Tensor, labels: Tensor, loss: str = "cross_entropy", *, spread_margin: float = 0.9
 ) -> Tensor:
-    """Per-example loss whose input gradient drives the attacks.
+    """Per-example loss whose input gradient drives the attacks
+    (:func:`capsnet.objectives.class_loss` with ``reduction="none"``).
 
     Args:
         scores: model scores (capsule lengths, activations or logits).
@@ -80,13 +82,8 @@ def attack_loss(
         - scores: ``(B, K)``; labels: ``(B,)``.
         - output: ``(B,)``.
     """
-    if loss == "cross_entropy":
-        return F.cross_entropy(scores, labels, reduction="none")
-    if loss == "margin":
-        return CF.margin_loss(scores, labels, reduction="none")
-    if loss == "spread":
-        return CF.spread_loss(scores, labels, margin=spread_margin, reduction="none")
-    raise ValueError(f"loss must be one of {', '.join(map(repr, ATTACK_LOSSES))}, got {loss!r}")
+    check_choice("loss", loss, ATTACK_LOSSES)
+    return class_loss(loss, scores, labels, margin=spread_margin, reduction="none")
 
 
 def _check_images(images: Tensor, labels: Tensor) -> None:
@@ -310,10 +307,8 @@ def evaluate_attack(
     Shape:
         - batches: ``(B, C, H, W)`` images, ``(B,)`` labels.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if loss not in ATTACK_LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(map(repr, ATTACK_LOSSES))}, got {loss!r}")
+    check_choice("method", method, METHODS)
+    check_choice("loss", loss, ATTACK_LOSSES)
     eps_list = [_check_epsilon(e) for e in epsilons]
     if not eps_list:
         raise ValueError("epsilons must hold at least one value")

@@ -10,10 +10,12 @@ A checkpoint ``TAG`` (``last`` or ``best``) in a run directory is
   random-number generator states.
 
 Loading never executes code: weights and tensors come from safetensors, everything else
-from JSON. Every file is written to a temporary name, flushed and renamed into place; the
-files of one checkpoint share a ``checkpoint_id``, and a save interrupted between the
-renames is completed (rolled forward) on the next load, so a killed run always finds a
-consistent checkpoint.
+from JSON. Every file is written to a temporary name, flushed and renamed into place (other
+files of a run use :func:`capsnet.io.atomic_write`, re-exported here; a checkpoint's files
+use fixed temporary names ``.NAME.tmp``, which the roll-forward recognises). The files of
+one checkpoint share a ``checkpoint_id``, and a save interrupted between the renames is
+completed (rolled forward) on the next load, so a killed run always finds a consistent
+checkpoint. Only one process (rank 0) saves a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from capsnet._checks import check_choice
+from capsnet.io import atomic_write, write_flushed
+
 __all__ = [
     "atomic_write",
     "save_checkpoint",
@@ -41,22 +46,6 @@ __all__ = [
 ]
 
 _FORMAT = "capsnet-checkpoint-1"
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_flushed(tmp, data)
-    os.replace(tmp, path)
-
-
-def _write_flushed(path: Path, data: bytes | str) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    with open(path, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # ------------------------------------------------------------------ nested state <-> JSON
@@ -177,7 +166,7 @@ def save_checkpoint(
     # All files first, then the renames: a crash before the renames leaves the old
     # checkpoint intact; a crash between them is completed by _consistent_files.
     for key, data in files.items():
-        _write_flushed(_tmp(paths[key]), data)
+        write_flushed(_tmp(paths[key]), data)
     for key in files:
         os.replace(_tmp(paths[key]), paths[key])
 
@@ -281,8 +270,11 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
 def read_metadata(path: str | Path, which: str = "best") -> dict[str, Any]:
     """Model name, kwargs, run config, epoch and step stored with a checkpoint's weights."""
     file = resolve_weights(path, which)
-    with safe_open(str(file), "pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(file), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for torn files
+        raise ValueError(f"{file} is not a readable .safetensors file: {err}") from err
     if meta.get("format") != _FORMAT or "model" not in meta:
         raise ValueError(
             f"{file} is not a capsnet checkpoint (no model name in its metadata); load plain "
@@ -299,7 +291,8 @@ def read_metadata(path: str | Path, which: str = "best") -> dict[str, Any]:
 
 
 def load(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> nn.Module:
-    """A trained model, ready for inference (``eval()`` mode).
+    """A trained model, ready for inference (``eval()`` mode): the weight-loading core of
+    :func:`capsnet.runs.load_run` and :func:`capsnet.load` (which also resolve the device).
 
     Args:
         path: a run directory or a ``.safetensors`` checkpoint written by capsnet.
@@ -312,8 +305,7 @@ def load(path: str | Path, *, which: str = "best", device: str | torch.device = 
         model = capsnet.load("runs/quickstart")
         scores = model(images).scores  # (B, num_classes)
     """
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    check_choice("which", which, ("best", "last"))
     from capsnet import models
 
     meta = read_metadata(path, which)

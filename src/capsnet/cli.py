@@ -8,13 +8,17 @@
     capsnet evaluate runs/quickstart                  # error, per-class accuracy, confusion
     capsnet recipes                                   # the papers' settings
     capsnet models / capsnet datasets
-    capsnet attack runs/quickstart                    # FGSM / BIM sweeps (capsnet.experiment_cli)
+    capsnet experiment attack runs/quickstart         # FGSM / BIM sweeps (capsnet.experiment_cli)
     capsnet experiment routing runs/quickstart        # the papers' experiments
     capsnet report runs/quickstart                    # one HTML page with everything
 
 ``capsnet train`` flags are the fields of :class:`capsnet.config.RunConfig` (``--lr``,
 ``--batch-size``, ...); given flags override the recipe, the recipe overrides the defaults.
 Model constructor arguments: ``--model-kwarg reconstruction=false`` (repeatable).
+
+Output flags: ``--output-dir DIR`` where a command writes a folder (``train``,
+``experiment ...``), ``--output FILE`` where it writes one file (``evaluate``, ``report``).
+``capsnet attack`` is the former name of ``capsnet experiment attack``.
 """
 
 from __future__ import annotations
@@ -28,18 +32,10 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from capsnet.config import CHOICES, RunConfig, load_recipe, parse_value
+from capsnet._cli_common import USER_ERRORS, fail, key_value
+from capsnet.config import CHOICES, RunConfig, load_recipe
 
 __all__ = ["main", "build_parser"]
-
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError)
-
-
-def _kv(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(value.strip())
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +54,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in ("model_kwargs", "data_kwargs"):
             singular = flag[:-1]  # --model-kwarg KEY=VALUE
             group.add_argument(
-                singular, dest=f.name, type=_kv, action="append", default=argparse.SUPPRESS,
+                singular, dest=f.name, type=key_value, action="append", default=argparse.SUPPRESS,
                 metavar="KEY=VALUE", help=f.metadata["help"] + "; repeatable, VALUE as TOML",
             )  # fmt: skip
             continue
@@ -72,7 +68,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capsnet",
-        description="Capsule networks: train, evaluate, attack, run experiments, report.",
+        description="Capsule networks: train, evaluate, run experiments (attacks included), "
+        "report. Output flags: --output-dir DIR for commands that write a folder, --output "
+        "FILE for those that write one file.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -96,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
     p.add_argument("--limit-batches", type=int)
-    p.add_argument("--output", help="JSON file for the results")
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="JSON file for the results (default: RUN_DIR/evaluation_<which>_<split>.json)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("recipes", help="list the recipes, or print one")
@@ -106,13 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from capsnet.experiment_cli import register_cli
 
-    register_cli(sub)  # attack, experiment ..., report (each parser sets args.handler)
+    register_cli(sub)  # experiment ..., report, attack (each parser sets args.handler)
     return parser
-
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"capsnet: error: {message}", file=sys.stderr)
-    return code
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
@@ -140,22 +137,22 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         cfg, resume = resolve_train_config(args)
-    except _USER_ERRORS as err:
-        return _fail(str(err), 2)
+    except USER_ERRORS as err:
+        return fail(str(err), 2)
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
     try:
         ctx = distributed.setup(cfg.dist_backend, cfg.device, cfg.dist_timeout)
-    except _USER_ERRORS as err:
-        return _fail(str(err))
+    except USER_ERRORS as err:
+        return fail(str(err))
     try:
         try:
             trainer = Trainer(cfg, ctx, resume=resume)
-        except _USER_ERRORS as err:
+        except USER_ERRORS as err:
             if os.environ.get("CAPSNET_TRACEBACK"):
                 raise
-            return _fail(f"{err}\n(set CAPSNET_TRACEBACK=1 for the traceback)")
+            return fail(f"{err}\n(set CAPSNET_TRACEBACK=1 for the traceback)")
         try:
             trainer.fit()
         except KeyboardInterrupt:
@@ -180,10 +177,10 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, limit_batches=args.limit_batches,
             output=args.output, progress=not args.no_progress,
         )  # fmt: skip
-    except _USER_ERRORS as err:
+    except USER_ERRORS as err:
         if os.environ.get("CAPSNET_TRACEBACK"):
             raise
-        return _fail(str(err))
+        return fail(str(err))
     print(result.summary())
     print(f"results written to {path}")
     return 0
@@ -196,7 +193,7 @@ def _recipes(args: argparse.Namespace) -> int:
         try:
             print(recipe_path(args.name).read_text(), end="")
         except (ValueError, FileNotFoundError) as err:
-            return _fail(str(err))
+            return fail(str(err))
         return 0
     recipes = list_recipes()
     width = max((len(r.name) for r in recipes), default=4)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from capsnet.devices import resolve_device  # re-exported (the one device rule)
+
 __all__ = [
     "DistContext",
     "setup",
@@ -55,21 +57,6 @@ class DistContext:
         return self.backend is not None
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is present, else CPU; others as given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name!r} requested but MPS is not available; use cpu")
-    return device
-
-
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -85,7 +72,7 @@ def setup(backend: str = "auto", device: str = "auto", timeout: float = 300.0) -
 
     Args:
         backend: ``"auto"`` (nccl for CUDA devices, gloo otherwise), ``"gloo"`` or ``"nccl"``.
-        device: the run config's device (``"auto"`` picks CUDA when present).
+        device: the run config's device (see :func:`capsnet.devices.resolve_device`).
         timeout: seconds to wait for every rank to join (and for later collectives).
 
     Raises:

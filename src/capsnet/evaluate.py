@@ -9,7 +9,6 @@ Letters: B batch, K classes (class capsules).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capsnet import distributed
+from capsnet.devices import resolve_device
+from capsnet.io import write_json
 
 __all__ = ["EvalResult", "evaluate", "evaluate_checkpoint"]
 
@@ -227,30 +228,21 @@ def evaluate_checkpoint(
         The result and the JSON file written.
     """
     from capsnet import data
-    from capsnet.checkpoint import load, read_metadata
     from capsnet.models import model_info
+    from capsnet.runs import load_run
 
-    meta = read_metadata(path, which)
-    config = meta["config"]
-    split = split or config.get("eval_split", "test")
-    dev = distributed.resolve_device(device)
-    name = dataset or config.get("dataset", "mnist")
-    # The run's dataset options apply to its own dataset, not to another one.
-    options = config.get("data_kwargs", {}) if name == config.get("dataset") else {}
-    ds = data.create(
-        name,
-        split=split,
-        root=data_root if data_root is not None else config.get("data_root"),
-        download=download,
-        **options,
-    )
-    model = load(meta["path"], device=dev)
+    dev = resolve_device(device)
+    run = load_run(path, which=which, device=dev)
+    split = split or run.config.get("eval_split", "test")
+    ds = run.dataset(split, dataset=dataset, data_root=data_root, download=download)
+    name = dataset or run.config.get("dataset")
+    model = run.model
     two_digits = "labels2" in getattr(ds, "extras", ())
     loader = data.BatchLoader(
         ds, batch_size, shuffle=False, augment=False, drop_last=False, device=dev,
         with_indices=two_digits,
     )  # fmt: skip
-    capsule = model_info(meta["model"]).loss != "cross_entropy"
+    capsule = model_info(run.name).loss != "cross_entropy"
     result = evaluate(
         model,
         loader,
@@ -270,15 +262,12 @@ def evaluate_checkpoint(
             else p.with_name(f"{p.stem}.{split}.eval.json")
         )
     record = {
-        "checkpoint": meta["path"],
-        "model": meta["model"],
+        "checkpoint": run.path,
+        "model": run.name,
         "dataset": name,
         "split": split,
-        "epoch": meta["epoch"],
-        "step": meta["step"],
+        "epoch": run.epoch,
+        "step": run.step,
         **result.to_dict(),
     }
-    from capsnet.checkpoint import atomic_write
-
-    atomic_write(output, json.dumps(record, indent=1))
-    return result, Path(output)
+    return result, write_json(output, record)

@@ -1,5 +1,6 @@
-"""``capsnet attack``, ``capsnet experiment ...`` and ``capsnet report``: the command line
-front of :mod:`capsnet.experiments` and :mod:`capsnet.report`.
+"""``capsnet experiment ...`` and ``capsnet report``: the command line front of
+:mod:`capsnet.experiments` and :mod:`capsnet.report` (``capsnet attack`` is the former name
+of ``capsnet experiment attack`` and still works).
 
 :func:`register_cli` adds the subcommands to the ``capsnet`` parser; each parser carries
 its handler as ``args.handler`` (a function ``args -> exit status``), also listed in
@@ -7,8 +8,9 @@ its handler as ``args.handler`` (a function ``args -> exit status``), also liste
 
 Models are given as run directories (or ``.safetensors`` checkpoints) written by
 ``capsnet train``; the test data is the run's own dataset (``--dataset`` / ``--split``
-override it). Results go to ``<RUN_DIR>/experiments/<experiment>/`` unless ``--out`` says
-otherwise, where ``capsnet report RUN_DIR`` finds them.
+override it). Results go to ``<RUN_DIR>/experiments/<experiment>/`` unless ``--output-dir``
+says otherwise, where ``capsnet report RUN_DIR`` finds them (output flags: see
+:mod:`capsnet._cli_common`).
 """
 
 from __future__ import annotations
@@ -17,58 +19,20 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from capsnet._cli_common import USER_ERRORS, add_output_dir, fail, key_value
+from capsnet.runs import Run, load_run, run_dataset
 
 __all__ = ["register_cli", "main", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
 
 
-@dataclass
-class LoadedRun:
-    """A trained model with what the experiments need to know about it."""
-
-    model: Any
-    name: str  # registry name
-    label: str  # shown in plots and tables
-    run_dir: Path  # the run directory (or the checkpoint's folder)
-    config: dict[str, Any]
-    path: str  # the weights file
+# The former homes of these; capsnet.runs is the one place that loads a run.
+LoadedRun = Run
 
 
-def load_run(path: str | os.PathLike, *, which: str = "best", device: str = "cpu") -> LoadedRun:
-    """Load a run directory or ``.safetensors`` checkpoint with its metadata."""
-    from capsnet.checkpoint import load, read_metadata
-
-    meta = read_metadata(path, which)
-    model = load(path, which=which, device=device)
-    p = Path(path)
-    run_dir = p if p.is_dir() else p.parent
-    return LoadedRun(model, meta["model"], meta["model"], run_dir, meta["config"], meta["path"])
-
-
-def run_dataset(
-    run: LoadedRun,
-    *,
-    split: str = "test",
-    dataset: str | None = None,
-    data_root: str | None = None,
-    download: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """The test data of a run: its dataset (or ``dataset``) with its ``data_kwargs``."""
-    from capsnet import data
-
-    name = dataset or run.config.get("dataset")
-    if not name:
-        raise ValueError(f"{run.run_dir}: the checkpoint names no dataset; pass --dataset")
-    data_kwargs = dict(run.config.get("data_kwargs") or {}) if dataset is None else {}
-    data_kwargs.update(kwargs)
-    root = data_root or run.config.get("data_root")
-    return data.create(name, split=split, root=root, download=download, **data_kwargs)
-
-
-def _unique_labels(runs: Sequence[LoadedRun]) -> None:
+def _unique_labels(runs: Sequence[Run]) -> None:
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.label] = seen.get(r.label, 0) + 1
@@ -113,7 +77,7 @@ def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--data-root", help="data folder (default: the run's)")
     p.add_argument("--download", action="store_true", help="download missing data")
-    p.add_argument("--out", help="output folder (default: RUN_DIR/experiments/<experiment>)")
+    add_output_dir(p, "output folder (default: RUN_DIR/experiments/<experiment>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -124,15 +88,6 @@ def _threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-threads", type=int, help="CPU threads for torch (default: torch's default)"
     )
-
-
-def _kv(text: str) -> tuple[str, Any]:
-    from capsnet.config import parse_value
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), parse_value(value.strip())
 
 
 def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> None:
@@ -146,7 +101,7 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
     )
     p.add_argument(
         "--set",
-        type=_kv,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -154,7 +109,7 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
     )
     p.add_argument(
         "--model-kwarg",
-        type=_kv,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -162,7 +117,7 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
     )
     p.add_argument(
         "--baseline-model-kwarg",
-        type=_kv,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -175,24 +130,19 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
         help="download missing data (same as --set download=true)",
     )
     p.add_argument("--max-examples", type=int, default=0, help="novel test examples (0: all)")
-    p.add_argument("--out", help="output folder (default: runs/experiments/<experiment>)")
+    add_output_dir(p, "output folder (default: runs/experiments/<experiment>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=250, help="novel evaluation batch size")
     _threads_flag(p)
 
 
-def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``attack``, ``experiment`` and ``report`` to a ``capsnet`` subparsers object.
+_ATTACK_DESCRIPTION = (
+    "Adversarial robustness: FGSM and BIM, untargeted and targeted, over a sweep of L-inf "
+    "budgets on the test set. Gradients flow through routing."
+)
 
-    Returns :data:`HANDLERS` (``{command: handler}``); each parser also sets
-    ``args.handler``.
-    """
-    p = subparsers.add_parser(
-        "attack",
-        help="white-box FGSM/BIM robustness of a model (and baselines) over an epsilon sweep",
-        description="Adversarial robustness: FGSM and BIM, untargeted and targeted, over a "
-        "sweep of L-inf budgets on the test set. Gradients flow through routing.",
-    )
+
+def _attack_flags(p: argparse.ArgumentParser) -> None:
     _common(p, baseline=True)
     p.add_argument(
         "--epsilons",
@@ -218,8 +168,15 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     p.add_argument("--step-size", type=float, default=0.25, help="BIM step, fraction of eps")
     p.add_argument("--max-examples", type=int, default=1000, help="test examples (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seeds the targets")
-    p.set_defaults(handler=_attack)
 
+
+def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add ``experiment`` (with ``experiment attack``), ``report`` and the former
+    ``attack`` to a ``capsnet`` subparsers object.
+
+    Returns :data:`HANDLERS` (``{command: handler}``); each parser also sets
+    ``args.handler``.
+    """
     p = subparsers.add_parser(
         "experiment",
         help="run one of the papers' experiments on a trained model",
@@ -227,6 +184,13 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     )
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     sub.required = True
+    q = sub.add_parser(
+        "attack",
+        help="white-box FGSM/BIM robustness of a model (and baselines) over an epsilon sweep",
+        description=_ATTACK_DESCRIPTION,
+    )
+    _attack_flags(q)
+    q.set_defaults(handler=_attack)
     for kind, default, unit in (
         ("rotation", [-60, -45, -30, -20, -10, 0, 10, 20, 30, 45, 60], "degrees"),
         ("translation", [-8, -6, -4, -2, 0, 2, 4, 6, 8], "pixels"),
@@ -300,17 +264,20 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
         "report", help="one HTML page with the training curves and every experiment of a run"
     )
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(handler=_report)
+
+    p = subparsers.add_parser(
+        "attack",
+        help="former name of `capsnet experiment attack` (still works)",
+        description="The former name of `capsnet experiment attack`: " + _ATTACK_DESCRIPTION,
+    )
+    _attack_flags(p)
+    p.set_defaults(handler=_attack_alias)
     return HANDLERS
 
 
 # --------------------------------------------------------------------------- handlers
-
-
-def _fail(message: str) -> int:
-    print(f"capsnet: error: {message}", file=sys.stderr)
-    return 1
 
 
 def _progress(args: argparse.Namespace) -> Any:
@@ -321,21 +288,17 @@ def _progress(args: argparse.Namespace) -> Any:
     return tqdm
 
 
-def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[LoadedRun], Any, Path, str]:
-    from capsnet.experiments import resolve_device
+def _setup(args: argparse.Namespace, experiment: str) -> tuple[list[Run], Any, Path, str]:
+    from capsnet.devices import resolve_device
 
     device = str(resolve_device(args.device))
     runs = [load_run(args.run, which=args.which, device=device)]
     runs += [load_run(b, which=args.which, device=device) for b in getattr(args, "baseline", [])]
     _unique_labels(runs)
-    dataset = run_dataset(
-        runs[0],
-        split=args.split,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        download=args.download,
+    dataset = runs[0].dataset(
+        args.split, dataset=args.dataset, data_root=args.data_root, download=args.download
     )
-    out = Path(args.out) if args.out else runs[0].run_dir / "experiments" / experiment
+    out = Path(args.output_dir or runs[0].run_dir / "experiments" / experiment)
     return runs, dataset, out, device
 
 
@@ -358,10 +321,10 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             torch.set_num_threads(args.num_threads)
         try:
             return fn(args)
-        except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as err:
+        except (*USER_ERRORS, KeyError) as err:
             if os.environ.get("CAPSNET_TRACEBACK"):
                 raise
-            return _fail(str(err))
+            return fail(str(err))
 
     wrapper.__name__ = fn.__name__
     return wrapper
@@ -391,6 +354,11 @@ def _attack(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     return _done(record, out)
+
+
+def _attack_alias(args: argparse.Namespace) -> int:
+    print("capsnet: note: `capsnet attack` is now `capsnet experiment attack`", file=sys.stderr)
+    return _attack(args)
 
 
 @_guard
@@ -526,7 +494,7 @@ def _viewpoint(args: argparse.Namespace) -> int:
     from capsnet import experiments
 
     configs = _protocol_configs(args, mode=args.mode)
-    out = Path(args.out or Path("runs") / "experiments" / f"viewpoint_{args.mode}")
+    out = Path(args.output_dir or Path("runs") / "experiments" / f"viewpoint_{args.mode}")
     record = experiments.viewpoint_experiment(
         configs,
         out,
@@ -545,7 +513,7 @@ def _affnist_protocol(args: argparse.Namespace) -> int:
     from capsnet import experiments
 
     configs = _protocol_configs(args)
-    out = Path(args.out or Path("runs") / "experiments" / "affnist_protocol")
+    out = Path(args.output_dir or Path("runs") / "experiments" / "affnist_protocol")
     record = experiments.affnist_protocol(
         configs,
         out,
@@ -637,16 +605,17 @@ def _report(args: argparse.Namespace) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "attack": _attack,
+    "attack": _attack_alias,
     "experiment": lambda args: args.handler(args),
     "report": _report,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run these subcommands on their own: ``python -m capsnet.experiment_cli attack RUN``."""
+    """Run these subcommands on their own: ``python -m capsnet.experiment_cli experiment
+    attack RUN``."""
     parser = argparse.ArgumentParser(
-        prog="capsnet", description="Capsule network experiments: attack, experiment, report."
+        prog="capsnet", description="Capsule network experiments: experiment, report."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from capsnet.io import atomic_path  # noqa: E402
+
 __all__ = [
     "save_figure",
     "plot_lines",
@@ -47,15 +49,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, tight: bool = True) -> 
     lay themselves out.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight" if tight else None)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight" if tight else None)
     finally:
         plt.close(fig)
     return path

@@ -19,6 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from capsnet.io import atomic_write
+from capsnet.runs import read_run_json
+
 __all__ = ["build_report", "collect_records", "read_metrics"]
 
 _CSS = """
@@ -429,22 +432,17 @@ def _training_section(
                 command,
             )
         )
-    evaluation = run_dir / "evaluation.json"
-    if evaluation.is_file():
-        try:
-            ev = json.loads(evaluation.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            ev = None
-        if isinstance(ev, dict):
-            scalars = {k: v for k, v in ev.items() if not isinstance(v, (list, dict))}
-            parts.append("<h3>Final evaluation</h3>" + _kv_table(scalars))
-            per_class = ev.get("per_class_accuracy")
-            if isinstance(per_class, list) and per_class:
-                classes = ev.get("classes")
-                if not isinstance(classes, list) or len(classes) != len(per_class):
-                    classes = list(range(len(per_class)))
-                row = {str(c): a for c, a in zip(classes, per_class, strict=True)}
-                parts.append(_table([{"class": "accuracy", **row}]))
+    ev = read_run_json(run_dir, "evaluation.json")
+    if ev:
+        scalars = {k: v for k, v in ev.items() if not isinstance(v, (list, dict))}
+        parts.append("<h3>Final evaluation</h3>" + _kv_table(scalars))
+        per_class = ev.get("per_class_accuracy")
+        if isinstance(per_class, list) and per_class:
+            classes = ev.get("classes")
+            if not isinstance(classes, list) or len(classes) != len(per_class):
+                classes = list(range(len(per_class)))
+            row = {str(c): a for c, a in zip(classes, per_class, strict=True)}
+            parts.append(_table([{"class": "accuracy", **row}]))
     return "\n".join(parts), number
 
 
@@ -506,12 +504,7 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     output = Path(output) if output else run_dir / "report.html"
-    config: dict[str, Any] = {}
-    if (run_dir / "config.json").is_file():
-        try:
-            config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            config = {}
+    config = read_run_json(run_dir, "config.json")
     records = _order(collect_records(run_dir))
     trained = (run_dir / "metrics.jsonl").is_file() or (run_dir / "config.json").is_file()
     nav = ['<a href="#training">training</a>'] * trained + [
@@ -547,7 +540,7 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     if not records:
         body.append(
             '<h2>Experiments</h2><p class="muted">none yet: run e.g. '
-            f"<code>capsnet attack {_esc(run_dir)}</code> or "
+            f"<code>capsnet experiment attack {_esc(run_dir)}</code> or "
             f"<code>capsnet experiment all {_esc(run_dir)}</code></p>"
         )
     for path, record in records:
@@ -561,8 +554,4 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
         + "\n".join(body)
         + "\n</main></body></html>\n"
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, output)
-    return output
+    return atomic_write(output, page)

@@ -19,7 +19,6 @@ very batches and random numbers the uninterrupted run would have used.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,19 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capsnet import distributed, models
-from capsnet import functional as F
-from capsnet.checkpoint import atomic_write, checkpoint_exists, load_checkpoint, save_checkpoint
+from capsnet.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from capsnet.config import RunConfig, config_from_dict
 from capsnet.distributed import DistContext
 from capsnet.evaluate import EvalResult, evaluate
+from capsnet.io import write_json
+from capsnet.objectives import compute_loss, resolve_loss, two_digit_loss
 from capsnet.runlog import RunLog, epoch_summary, final_report
+from capsnet.schedules import lr_factor, spread_margin
 
-__all__ = ["train", "resume_config", "TrainResult", "compute_loss", "RESUME_OVERRIDES"]
+# compute_loss and two_digit_loss live in capsnet.objectives; re-exported here (the trainer
+# calls them through this module's names).
+__all__ = [
+    "train",
+    "resume_config",
+    "TrainResult",
+    "compute_loss",
+    "two_digit_loss",
+    "RESUME_OVERRIDES",
+]
 
 RESUME_OVERRIDES = (
     "epochs", "device", "num_threads", "data_root", "download", "progress", "tensorboard",
@@ -57,65 +66,6 @@ class TrainResult:
     run_dir: Path
     final: dict[str, Any]
     best: dict[str, Any] | None
-
-
-def compute_loss(
-    kind: str,
-    output: models.ModelOutput,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    margin: float = 0.9,
-    reconstruction_weight: float = 0.0005,
-    reduction: str = "mean",
-) -> Tensor:
-    """The training objective of ``kind`` (``"margin"``, ``"spread"``, ``"cross_entropy"``).
-
-    ``margin`` adds ``reconstruction_weight`` x the reconstruction loss when the model
-    returns reconstructions ([S17] §4.1); ``spread`` uses ``margin`` ([H18] §3.1). Losses
-    are computed in float32 (also under bf16 autocast).
-    """
-    scores = output.scores.float()
-    if kind == "margin":
-        loss = F.margin_loss(scores, labels, reduction=reduction)
-        if output.reconstructions is not None and reconstruction_weight > 0:
-            recon = F.reconstruction_loss(
-                output.reconstructions.float(), images.float(), reduction=reduction
-            )
-            loss = loss + reconstruction_weight * recon
-        return loss
-    if kind == "spread":
-        return F.spread_loss(scores, labels, margin, reduction=reduction)
-    if kind == "cross_entropy":
-        return TF.cross_entropy(scores, labels, reduction=reduction)
-    raise ValueError(f"loss must be 'margin', 'spread' or 'cross_entropy', got {kind!r}")
-
-
-def two_digit_loss(
-    model: nn.Module,
-    output: models.ModelOutput,
-    labels: Tensor,
-    labels2: Tensor,
-    components: Tensor,
-    *,
-    reconstruction_weight: float = 0.0005,
-) -> Tensor:
-    """MultiMNIST objective ([S17] §6): the margin loss with both digits present, plus
-    each digit reconstructed from its own class capsule and compared with that digit alone.
-
-    Shape: labels, labels2 ``(B,)``; components ``(B, 2, C, H, W)`` in [0, 1] (the two
-    digits of each image, first with ``labels``).
-    """
-    scores = output.scores.float()
-    k = scores.shape[-1]
-    targets = (TF.one_hot(labels, k) + TF.one_hot(labels2, k)).clamp(max=1).float()
-    loss = F.margin_loss(scores, targets)
-    if output.reconstructions is not None and reconstruction_weight > 0:
-        second = model.reconstruct(output.poses, labels2)
-        recon = F.reconstruction_loss(output.reconstructions.float(), components[:, 0])
-        recon = recon + F.reconstruction_loss(second.float(), components[:, 1])
-        loss = loss + reconstruction_weight * recon
-    return loss
 
 
 def correct_predictions(scores: Tensor, labels: Tensor, labels2: Tensor | None = None) -> Tensor:
@@ -156,18 +106,6 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
         return Trainer(config, ctx, resume=resume).fit()
     finally:
         distributed.cleanup(ctx)
-
-
-def _lr_factor(cfg: RunConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if cfg.lr_schedule == "exponential":  # tf.train.exponential_decay, as the papers
-            exponent = step / cfg.lr_decay_steps
-            return cfg.lr_decay_rate ** (math.floor(exponent) if cfg.lr_staircase else exponent)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        return 1.0
-
-    return factor
 
 
 class _Meter:
@@ -259,7 +197,7 @@ class Trainer:
         self.model = models.create(cfg.model, **self.model_kwargs).to(self.device)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout etc. differ between ranks
         info = models.model_info(cfg.model)
-        self.loss_kind = info.loss if cfg.loss == "auto" else cfg.loss
+        self.loss_kind = resolve_loss(cfg.loss, cfg.model)
         self.capsule_scores = info.loss != "cross_entropy"
         if self.two_digits and self.loss_kind != "margin":
             raise ValueError(
@@ -282,14 +220,18 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra
         )
         total = cfg.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, total))
+        factor = lr_factor(
+            cfg.lr_schedule, total, decay_rate=cfg.lr_decay_rate,
+            decay_steps=cfg.lr_decay_steps, staircase=cfg.lr_staircase,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
         self.epoch_sums: list[float] | None = None
         self.log = RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
         if resume:
             self._resume()
         elif ctx.is_main:
-            atomic_write(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            write_json(self.run_dir / "config.json", cfg.to_dict())
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -381,7 +323,7 @@ class Trainer:
         if final is None:  # resumed after the last epoch had finished
             final = self._evaluate_all({})
         if self.ctx.is_main:
-            atomic_write(self.run_dir / "evaluation.json", json.dumps(final, indent=1))
+            write_json(self.run_dir / "evaluation.json", final)
             self.log.write({"kind": "end", "step": st["step"], "best": st["best"]})
             plot = self.log.plot(cfg.eval_split) if cfg.plot else None
             self._print(final_report(self.run_dir, final, st["best"], cfg.eval_split, plot))
@@ -398,7 +340,7 @@ class Trainer:
         window = _Meter(self.device)
         self.epoch_sums = None
         # Spread-loss margin: +margin_per_epoch per whole epoch, 0.2 -> 0.9 ([H18] §3.1).
-        margin = F.spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
+        margin = spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
         bar = tqdm(
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (cfg.progress and self.ctx.is_main), unit="batch", dynamic_ncols=True,

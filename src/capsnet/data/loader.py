@@ -27,20 +27,9 @@ import torch
 from torch import Tensor
 
 from capsnet.data.dataset import ImageDataset
+from capsnet.devices import resolve_device  # re-exported (the one device rule)
 
 __all__ = ["BatchLoader", "resolve_device", "derive_seed"]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA if available, else MPS if available, else CPU."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -66,7 +55,8 @@ class BatchLoader:
         drop_last: drop the last incomplete batch.
         augment: use ``dataset.train_transform`` (random augmentation + preprocessing);
             ``False`` uses ``dataset.eval_transform`` (preprocessing only).
-        device: where batches are produced (``"cpu"``, ``"cuda"``, ``"auto"``, ...).
+        device: where batches are produced (``"cpu"``, ``"cuda"``, ``"auto"``, ...; see
+            :func:`capsnet.devices.resolve_device`).
         rank, world_size: this process's shard for distributed training.
         start_batch: first batch of the first iteration (resume mid-epoch).
         with_indices: also yield the ``(B,)`` dataset indices of each batch (to fetch

@@ -21,16 +21,17 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from capsnet.io import atomic_path  # re-exported: downloads and caches write through it
 
 __all__ = [
     "ENV_VAR",
@@ -185,25 +186,6 @@ def check_md5(
             "release; delete it (or pass download=True to replace it), or pass verify=False "
             "for your own files in this format."
         )
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; rename it onto ``dest`` on success.
-
-    On any exception the temporary file is removed and ``dest`` is left untouched.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
 
 
 def _fetch(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0) -> None:
