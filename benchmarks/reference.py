@@ -1,7 +1,7 @@
 """Straightforward reference implementations, for side-by-side timing.
 
 This is the obvious tensor code that popular PyTorch capsule implementations use, written
-from the papers' equations (SPEC §1-2), computing *the same function* as capsnet's models so
+from the papers' equations (docs/spec.md §1-2), computing *the same function* as capsnet's models so
 every benchmark figure can be given as a ratio measured in one process:
 
 * inputs are unfolded by stacking shifted slices, poses are tiled once per output type and

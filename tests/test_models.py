@@ -119,11 +119,11 @@ def test_default_parameter_count_matches_registry(name):
 
 
 def test_parameter_counts_match_spec_arithmetic():
-    # SPEC §1: 20,992 + 5,308,672 + 1,474,560 (+ 1,411,344 decoder).
+    # docs/spec.md §1: 20,992 + 5,308,672 + 1,474,560 (+ 1,411,344 decoder).
     assert M.model_info("capsnet").expected_params == 8_215_568
     assert num_params(M.create("capsnet", reconstruction=False)) == 6_804_224
     assert M.model_info("capsnet").extra["expected_params_without_decoder"] == 6_804_224
-    # SPEC §2: about 310K (paper preset, smallNORB's 5 classes) and about 68K (small).
+    # docs/spec.md §2: about 310K (paper preset, smallNORB's 5 classes) and about 68K (small).
     paper = M.create("matrix_capsnet", preset="paper", num_classes=5, input_size=32)
     assert (
         num_params(paper) == M.model_info("matrix_capsnet").extra["expected_params_paper_smallnorb"]
@@ -134,7 +134,7 @@ def test_parameter_counts_match_spec_arithmetic():
     custom = M.create("matrix_capsnet", preset="paper", A=64, B=8, C=16, D=16)
     assert num_params(custom) == 68_444
     assert round(num_params(M.create("sabour_cnn")) / 1e6, 1) == 35.4
-    assert round(num_params(M.create("hinton_cnn")) / 1e6, 1) == 4.3  # "about 4.2M" in SPEC
+    assert round(num_params(M.create("hinton_cnn")) / 1e6, 1) == 4.3  # docs/spec.md §2.10
 
 
 # --------------------------------------------------------------------------- forward / backward

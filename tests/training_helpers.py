@@ -1,6 +1,6 @@
 """Shared helpers of the training tests: tiny MNIST-format files and a tiny run config.
 
-The files are real IDX files (gzipped, big-endian headers, SPEC §3) with learnable
+The files are real IDX files (gzipped, big-endian headers, docs/spec.md §3) with learnable
 synthetic digits: class k lights up a bar at a class-specific place. The dataset is read
 through the real ``capsnet.data`` MNIST loader with ``verify=false`` (the official MD5s
 would reject our tiny files).

@@ -1,4 +1,4 @@
-"""Parsers for the datasets' file formats (SPEC §3), returning NumPy arrays.
+"""Parsers for the datasets' file formats (docs/spec.md §3), returning NumPy arrays.
 
 * IDX (MNIST, Fashion-MNIST): big-endian ``00 00 <type> <ndim>`` magic, ``ndim`` big-endian
   int32 sizes, then the data.

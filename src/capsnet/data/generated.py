@@ -1,7 +1,7 @@
 """Datasets generated from MNIST-family splits, deterministically from a seed.
 
 ``affnist_generated``: affNIST-*style* images made here, not the official affNIST. Each
-digit is warped by a random affine map with affNIST's ranges (SPEC §3: rotation up to 20
+digit is warped by a random affine map with affNIST's ranges (docs/spec.md §3: rotation up to 20
 degrees, shear up to 0.2, scale 0.8 to 1.2 per axis, translation anywhere the digit stays
 inside the 40x40 canvas) using ``affine_grid``/``grid_sample`` (bilinear). Use it where the
 official affNIST cannot be downloaded; results on it are not comparable digit-for-digit

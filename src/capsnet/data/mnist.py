@@ -3,7 +3,7 @@
 Files are the four standard IDX files, gzipped or not, in ``<root>/mnist`` (also
 ``<root>/MNIST/raw`` as torchvision lays them out, or ``<root>`` itself); Fashion-MNIST in
 ``<root>/fashion-mnist`` (Debian's ``/usr/share/datasets/fashion-mnist``). The
-*uncompressed* content is checked against the official MD5s (SPEC §3): mirrors gzip the
+*uncompressed* content is checked against the official MD5s (docs/spec.md §3): mirrors gzip the
 same bytes differently, so the ``.gz`` bytes cannot be checked.
 
 Default training augmentation (Sabour et al. 2017): a random shift of up to 2 pixels in

@@ -1,4 +1,4 @@
-"""smallNORB (SPEC §3) with the EM-routing paper's preprocessing and viewpoint splits.
+"""smallNORB (docs/spec.md §3) with the EM-routing paper's preprocessing and viewpoint splits.
 
 Files (binary matrix format, gzipped or not) in ``<root>/smallnorb`` (or ``<root>``)::
 
@@ -9,7 +9,7 @@ Files (binary matrix format, gzipped or not) in ``<root>/smallnorb`` (or ``<root
 airplane, truck, car); ``info``: instance, elevation 0..8 (30 to 70 degrees in steps of 5),
 azimuth 0, 2, ..., 34 (x 10 degrees), lighting 0..5.
 
-Preprocessing (Hinton et al. 2018, SPEC §2): each image is downsampled 96 -> 48 (2x2 area
+Preprocessing (Hinton et al. 2018, docs/spec.md §2): each image is downsampled 96 -> 48 (2x2 area
 average, done once at load time and stored as uint8), standardised per image to zero mean
 and unit variance, then a random 32x32 crop with random brightness and contrast for
 training, the centre 32x32 crop for testing. The paper gives no brightness/contrast

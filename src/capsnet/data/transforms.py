@@ -154,7 +154,7 @@ class RandomShift(Transform):
     """Shift each image by a random whole number of pixels, filling with zeros.
 
     Sabour et al. 2017 train on MNIST "randomly shifted by up to 2 pixels in each
-    direction with zero padding" (SPEC §1): each of the vertical and horizontal shifts is
+    direction with zero padding" (docs/spec.md §1): each of the vertical and horizontal shifts is
     uniform in ``{-max_shift, ..., max_shift}``. Content never moves further than
     ``max_shift`` pixels along either axis.
 
@@ -453,7 +453,7 @@ def apply_affine(x: Tensor, matrices: Tensor, translation: Tensor, out_size: Siz
 
 
 class RandomAffine(Transform):
-    """Random affine warp per image with affNIST-style ranges (SPEC §3).
+    """Random affine warp per image with affNIST-style ranges (docs/spec.md §3).
 
     Each image gets ``A = R(theta) Shear(s) diag(sx, sy)`` with ``theta ~ U(-rotation,
     rotation)`` degrees, ``s ~ U(-shear, shear)``, ``sx, sy ~ U(*scale)`` independently,

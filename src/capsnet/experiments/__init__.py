@@ -38,7 +38,7 @@ generalization.py below viewpoint.py and affnist.py.
 
 from __future__ import annotations
 
-from capsnet.data.loader import resolve_device as resolve_device
+from capsnet.devices import resolve_device as resolve_device
 from capsnet.experiments.adversarial import attack_experiment
 from capsnet.experiments.affnist import affine_test_set, affnist_experiment, affnist_protocol
 from capsnet.experiments.equivariance import equivariance_experiment

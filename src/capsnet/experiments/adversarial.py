@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from capsnet import attacks, plots
-from capsnet.data.loader import resolve_device
+from capsnet import attacks, objectives, plots
+from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     Progress,
     _check_models,
@@ -152,8 +152,6 @@ def _resolve_losses(
     model_names: Mapping[str, str] | None,
 ) -> dict[str, str]:
     """``{label: attack loss}``, with ``"model"`` replaced by the model's paper loss."""
-    from capsnet.models import model_info
-
     resolved = {}
     for label in models:
         loss = losses if isinstance(losses, str) else losses.get(label, "cross_entropy")
@@ -161,7 +159,7 @@ def _resolve_losses(
             name = (model_names or {}).get(label)
             if name is None:
                 raise ValueError(f"losses='model' needs model_names[{label!r}] (a registry name)")
-            loss = model_info(name).loss
+            loss = objectives.resolve_loss("model", name)
         if loss not in attacks.ATTACK_LOSSES:
             raise ValueError(
                 f"attack loss for {label!r} must be one of "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from capsnet import plots
-from capsnet.data.loader import resolve_device
+from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import _check_models, _describe, evaluate_accuracy
 from capsnet.experiments.generalization import generalization_protocol
 from capsnet.experiments.records import _finish, make_record

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from capsnet import plots
-from capsnet.data.loader import resolve_device
+from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import evaluate_accuracy
 from capsnet.experiments.records import _finish, make_record, write_json
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import Tensor
 
+from capsnet.io import atomic_write
+
 __all__ = ["make_record", "write_json"]
 
 
@@ -45,15 +47,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` (converted to plain types) as indented JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
 
 
 def make_record(

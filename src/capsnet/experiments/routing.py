@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from capsnet import plots, probes
-from capsnet.data.loader import resolve_device
+from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     Progress,
     _describe,

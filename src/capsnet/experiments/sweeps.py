@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from capsnet import plots
-from capsnet.data.loader import resolve_device
+from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     _UNITS,
     Progress,

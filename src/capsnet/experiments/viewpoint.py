@@ -17,7 +17,7 @@ from capsnet.experiments.generalization import generalization_protocol
 __all__ = ["PAPER_VIEWPOINTS", "viewpoint_experiment"]
 
 
-#: [H18] §5.2 (SPEC §2, "check"): familiar-view error both models were matched at, and the
+#: [H18] §5.2 (docs/spec.md §2, "check"): familiar-view error both models were matched at, and the
 #: novel-view errors of capsules and the CNN.
 PAPER_VIEWPOINTS = {
     "azimuth": {"familiar": 0.037, "capsules_novel": 0.135, "cnn_novel": 0.200},

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from capsnet.functional._common import check_float, check_ndim, reduce, targets_to_float
+from capsnet.schedules import spread_margin  # re-exported: the schedule lives with the lr one
 
 __all__ = ["margin_loss", "spread_loss", "spread_margin", "reconstruction_loss"]
 
@@ -71,19 +72,6 @@ def spread_loss(
     a_target = (activations * t).sum(-1, keepdim=True)  # (B, 1)
     per_class = F.relu(margin - (a_target - activations)).pow(2) * (1.0 - t)
     return reduce(per_class.sum(-1), reduction)
-
-
-def spread_margin(
-    epoch: float, start: float = 0.2, stop: float = 0.9, step_per_epoch: float = 0.1
-) -> float:
-    """Spread-loss margin schedule: ``min(stop, start + step_per_epoch * epoch)``.
-
-    [H18] states only that m grows from 0.2 to 0.9; +0.1 per epoch is the common choice.
-    ``epoch`` may be fractional (``step / steps_per_epoch``).
-    """
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
-    return float(min(stop, start + step_per_epoch * epoch))
 
 
 def reconstruction_loss(recon: Tensor, images: Tensor, reduction: str = "mean") -> Tensor:

@@ -110,7 +110,7 @@ class DenseCapsules(RoutingLayer):
     pair gives predictions ``u_hat_j|i = W_ij u_i``, which
     :func:`capsnet.functional.dynamic_routing` combines. The routing logits ``b_ij`` are
     per example and start at zero on every call (they are not parameters). No bias, as in
-    the paper's parameter count (SPEC §1: 1152 * 10 * 8 * 16 = 1,474,560).
+    the paper's parameter count (docs/spec.md §1: 1152 * 10 * 8 * 16 = 1,474,560).
 
     Args:
         in_caps: I, number of input capsules (1152 for MNIST).
@@ -193,7 +193,7 @@ class DenseCapsules(RoutingLayer):
 
 
 class CapsuleDecoder(nn.Module):
-    """Masked reconstruction decoder, [S17] §4.1 (SPEC §1).
+    """Masked reconstruction decoder, [S17] §4.1 (docs/spec.md §1).
 
     All class capsules but one are zeroed: the one named by ``targets`` (the true class
     during training) or, without targets, the longest. The masked ``O * D`` vector goes

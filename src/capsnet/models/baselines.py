@@ -18,7 +18,7 @@ __all__ = ["SabourCNN", "HintonCNN"]
 
 
 class SabourCNN(nn.Module):
-    """Sabour et al. 2017 baseline CNN (SPEC §1).
+    """Sabour et al. 2017 baseline CNN (docs/spec.md §1).
 
     Three 5x5 convolutions of 256, 256, 128 channels (stride 1, "same" padding, ReLU, no
     pooling), FC 328 ReLU, FC 192 ReLU, dropout, FC ``num_classes``. 35,445,522 parameters
@@ -73,7 +73,7 @@ class SabourCNN(nn.Module):
 
 
 class HintonCNN(nn.Module):
-    """Hinton et al. 2018 smallNORB baseline CNN (SPEC §2).
+    """Hinton et al. 2018 smallNORB baseline CNN (docs/spec.md §2).
 
     Conv 32 5x5 ReLU + 2x2 max-pool, conv 64 5x5 ReLU + 2x2 max-pool ("same" padding, so
     32x32 -> 8x8x64), FC 1024 ReLU with dropout, FC ``num_classes``. 4,252,549 parameters

@@ -1,6 +1,6 @@
 """Sabour, Frosst & Hinton 2017: CapsNet with dynamic routing and a reconstruction decoder.
 
-Architecture (SPEC §1), for a ``C x H x W`` input::
+Architecture (docs/spec.md §1), for a ``C x H x W`` input::
 
     Conv1        256 ch, 9x9, stride 1, ReLU         (B, 256, H-8, W-8)
     PrimaryCaps  32 types x 8D, 9x9, stride 2        (B, I, 8),  I = H'*W'*32 (1152 at 28x28)
@@ -32,7 +32,7 @@ __all__ = ["CapsNet"]
 
 
 class CapsNet(nn.Module):
-    """Sabour et al. 2017 CapsNet (SPEC §1).
+    """Sabour et al. 2017 CapsNet (docs/spec.md §1).
 
     Args:
         num_classes: class capsules (10).

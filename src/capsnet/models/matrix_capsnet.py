@@ -1,6 +1,6 @@
 """Hinton, Sabour & Frosst 2018: matrix capsules with EM routing.
 
-Architecture (SPEC §2), valid convolutions, for a ``C x H x W`` input::
+Architecture (docs/spec.md §2), valid convolutions, for a ``C x H x W`` input::
 
     Conv1        A ch, 5x5, stride 2, ReLU             (B, A, H1, W1)     H1 = (H-5)//2+1
     PrimaryCaps  B types, 1x1 pose + activation conv   grid (H1, W1, B)
@@ -41,7 +41,7 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 
 class MatrixCapsNet(nn.Module):
-    """Matrix capsule network with EM routing, [H18] §4 (SPEC §2).
+    """Matrix capsule network with EM routing, [H18] §4 (docs/spec.md §2).
 
     Args:
         num_classes: E, class capsules (5 for smallNORB, 10 for MNIST).
@@ -58,7 +58,7 @@ class MatrixCapsNet(nn.Module):
             capsule layers (see :class:`~capsnet.layers.ConvMatrixCapsules`).
         normalize_cost: standardise the EM cost before the logistic (not in the paper).
         coordinate_addition: in the class capsule layer (paper: True).
-        coordinate_elements: the vote entries that get (row, col): ``(0, 1)`` (SPEC) or
+        coordinate_elements: the vote entries that get (row, col): ``(0, 1)`` (docs/spec.md) or
             ``(3, 7)`` (the paper's "right-hand column"; see
             :func:`capsnet.functional.coordinate_addition`).
         init_std: transformation matrices start as identity + N(0, init_std^2).
@@ -80,7 +80,7 @@ class MatrixCapsNet(nn.Module):
           after 300 steps (faithful and per-position routing, learning rates 3e-3 and
           1e-2; 24 % after 100 steps with the assignments detached from the graph); with 2
           iterations it reached 66-72 % after 100 and 85-89 % after 300 steps.
-          Reproductions report their best results at 2 iterations too (SPEC §2).
+          Reproductions report their best results at 2 iterations too (docs/spec.md §2).
         * ``normalize_cost=False`` (the paper's cost). ``normalize_cost=True`` with lambda 1
           also trains at 2 iterations (83 % after 300 steps); with lambda 1 -> 3 and 3
           iterations it stayed at 11 %.
