@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +120,7 @@ class PrimaryMatrixCapsules(nn.Module):
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_types = positive_int("out_types", out_types)
         self.kernel_size = positive_int("kernel_size", kernel_size)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.pose = nn.Conv2d(in_channels, out_types * 16, kernel_size, **kw)
         self.activation = nn.Conv2d(in_channels, out_types, kernel_size, **kw)
 
@@ -213,7 +214,7 @@ class ConvMatrixCapsules(RoutingLayer):
         self.routing = routing
         self.normalize_cost = bool(normalize_cost)
         self.init_std = float(init_std)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         kk = kernel_size * kernel_size
         self.weight = nn.Parameter(torch.empty(kk, in_types, out_types, 4, 4, **kw))
         self.beta_u = nn.Parameter(torch.zeros(out_types, **kw))
@@ -358,7 +359,7 @@ class ClassMatrixCapsules(RoutingLayer):
             )
         self.normalize_cost = bool(normalize_cost)
         self.init_std = float(init_std)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(in_types, num_classes, 4, 4, **kw))
         self.beta_u = nn.Parameter(torch.zeros(num_classes, **kw))
         self.beta_a = nn.Parameter(torch.zeros(num_classes, **kw))

@@ -7,6 +7,7 @@ trained with cross-entropy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ class SabourCNN(nn.Module):
         self.num_classes = positive_int("num_classes", num_classes)
         self.in_channels = positive_int("in_channels", in_channels)
         self.input_size = as_size(input_size)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         h, w = self.input_size
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 256, 5, padding=2, **kw),
@@ -106,7 +107,7 @@ class HintonCNN(nn.Module):
         h, w = (s // 4 for s in self.input_size)
         if min(h, w) < 1:
             raise ValueError(f"input_size must be at least 4x4, got {self.input_size}")
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 5, padding=2, **kw),
             nn.ReLU(inplace=True),

@@ -14,6 +14,7 @@ decoder, + 1,411,344 = 8,215,568 with it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +80,7 @@ class CapsNet(nn.Module):
         self.in_channels = positive_int("in_channels", in_channels)
         self.input_size = as_size(input_size)
         positive_int("conv_channels", conv_channels)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         grid = tuple(conv_output_size(s, 9) for s in self.input_size)
         grid = tuple(conv_output_size(s, 9, 2) for s in grid)
         if min(grid) < 1:

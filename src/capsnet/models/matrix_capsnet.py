@@ -16,6 +16,7 @@ classes) and ``"paper"`` A=B=C=D=32 (316,394 with 5 classes, 318,964 with 10).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +143,7 @@ class MatrixCapsNet(nn.Module):
                 f"got {self.input_size}"
             )
         self.grid_sizes = grids[1:]
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         routing_kw = {
             "iterations": iterations,
             "inverse_temperatures": inverse_temperatures,
