@@ -1,14 +1,15 @@
 """Straightforward reference implementations, for side-by-side timing.
 
 This is the obvious tensor code that popular PyTorch capsule implementations use, written
-from the papers' equations (docs/spec.md §1-2), computing *the same function* as capsnet's models so
-every benchmark figure can be given as a ratio measured in one process:
+from the papers' equations (docs/spec.md §1-2), computing *the same function* as capsnet's
+models so every benchmark figure can be given as a ratio measured in one process:
 
 * inputs are unfolded by stacking shifted slices, poses are tiled once per output type and
   the transformation matrices once per example and position (``repeat``), and every vote
   is materialised by a batched 4x4 (or 16x8) matmul;
-* routing loops over iterations with broadcast tensor expressions in the ``(B, I, O, D)``
-  layout and autograd records every intermediate.
+* routing is :mod:`capsnet.functional.reference`, the plain form of the equations that the
+  tests also hold the kernels against: it loops over iterations with broadcast tensor
+  expressions in the ``(B, I, O, D)`` layout and autograd records every intermediate.
 
 The reference models copy the parameters of a capsnet model (``from_model``), so outputs can
 be checked against capsnet's (``benchmarks/run.py --smoke`` does) and both train
@@ -21,67 +22,27 @@ T capsule types per position, P parent positions.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOG_2PI = math.log(2 * math.pi)
-
+from capsnet.functional import default_inverse_temperatures, squash
+from capsnet.functional import reference as REF
 
 # --------------------------------------------------------------------------- routing
 
 
-def squash(s: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """[S17] eq. (1), ``|s|^2 / (1 + |s|^2) * s / |s|`` (eps under the root as capsnet)."""
-    n2 = (s * s).sum(dim, keepdim=True)
-    return s * torch.sqrt(n2 + eps) / (1 + n2)  # = |s|^2 / (1 + |s|^2) * s / |s|
-
-
 def dynamic_routing(u_hat: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
     """[S17] Procedure 1 on ``u_hat (B, I, O, D)``; returns ``v (B, O, D)``, ``c (B, I, O)``."""
-    b = torch.zeros(*u_hat.shape[:3], 1, dtype=u_hat.dtype, device=u_hat.device)  # (B, I, O, 1)
-    for t in range(iterations):
-        c = torch.softmax(b, dim=2)
-        s = (c * u_hat).sum(dim=1, keepdim=True)  # (B, 1, O, D)
-        v = squash(s)
-        if t < iterations - 1:
-            b = b + (u_hat * v).sum(dim=-1, keepdim=True)
-    return v.squeeze(1), c.squeeze(-1)
-
-
-def _m_step(votes, r, a, beta_u, beta_a, lam, var_floor, eps, normalize):
-    """votes (B, I, O, D), r (B, I, O, 1), a (B, I, 1, 1) -> mu, var (B, 1, O, D), act (B, O)."""
-    r = r * a
-    r_sum = r.sum(dim=1, keepdim=True)  # (B, 1, O, 1)
-    coeff = r / (r_sum + eps)
-    mu = (coeff * votes).sum(dim=1, keepdim=True)
-    var = (coeff * (votes - mu) ** 2).sum(dim=1, keepdim=True) + var_floor
-    cost = ((beta_u.view(1, 1, -1, 1) + torch.log(var.sqrt())) * r_sum).sum(dim=-1)  # (B,1,O)
-    cost = cost.squeeze(1)
-    if normalize:
-        mean = cost.mean(dim=-1, keepdim=True)
-        cost = (cost - mean) / ((cost - mean).pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
-    logit = lam * (beta_a - cost)
-    return mu, var, logit
-
-
-def _e_step_logits(votes, mu, var, logit):
-    log_p = -((votes - mu) ** 2) / (2 * var) - 0.5 * torch.log(2 * math.pi * var)
-    return log_p.sum(dim=-1) + F.logsigmoid(logit).unsqueeze(1)  # (B, I, O)
+    return REF.dynamic_routing(u_hat, iterations)
 
 
 def em_routing(votes, a, beta_u, beta_a, lambdas, var_floor=1e-6, eps=1e-8, normalize=False):
     """[H18] Procedure 1 per group: ``votes (B, I, O, D)``, ``a (B, I)``."""
-    n_out = votes.shape[2]
-    r = torch.full((*votes.shape[:3], 1), 1.0 / n_out, dtype=votes.dtype, device=votes.device)
-    a = a[:, :, None, None]
-    for t, lam in enumerate(lambdas):
-        mu, var, logit = _m_step(votes, r, a, beta_u, beta_a, lam, var_floor, eps, normalize)
-        if t < len(lambdas) - 1:
-            r = torch.softmax(_e_step_logits(votes, mu, var, logit), dim=2).unsqueeze(-1)
-    return mu.squeeze(1), torch.sigmoid(logit), r.squeeze(-1)
+    return REF.em_routing(
+        votes, a, beta_u, beta_a, lambdas, normalize_cost=normalize, var_floor=var_floor, eps=eps
+    )
 
 
 def conv_em_routing(
@@ -89,41 +50,12 @@ def conv_em_routing(
 ):
     """Convolutional EM routing, each child normalised over all parents it feeds ([G19]).
 
-    ``votes (N, P, K*K*T, O, D)``, ``a (N, P, K*K*T)``; every (position, slot) is routed as
-    in :func:`em_routing` with the batch flattened to ``N*P``; the E-step sums each child's
-    exponentiated logits over all the slots it occupies (index_add) before normalising.
+    ``votes (N, P, K*K*T, O, D)``, ``a (N, P, K*K*T)``.
     """
-    n, p, s, o, d = votes.shape
-    h, w = in_size
-    w_out = (w - k) // stride + 1
-    t_in = s // (k * k)
-    rows = torch.arange(p) // w_out * stride
-    cols = torch.arange(p) % w_out * stride
-    kh = torch.arange(k).repeat_interleave(k)
-    kw = torch.arange(k).repeat(k)
-    pos = (rows[:, None] + kh) * w + (cols[:, None] + kw)  # (P, KK)
-    child = (pos[:, :, None] * t_in + torch.arange(t_in)).reshape(-1).to(votes.device)
-    n_children = h * w * t_in
-
-    def per_child(x, reduce):  # x (N, P*S) -> per child, gathered back to (N, P, S)
-        init = -torch.inf if reduce == "amax" else 0.0
-        out = torch.full((n, n_children), init, dtype=x.dtype, device=x.device)
-        out = out.scatter_reduce(1, child.expand(n, -1), x, reduce=reduce)
-        return out[:, child].reshape(n, p, s)
-
-    fan = per_child(torch.ones(n, p * s, dtype=votes.dtype, device=votes.device), "sum") * o
-    flat_v = votes.reshape(n * p, s, o, d)
-    r = (1.0 / fan).reshape(n * p, s, 1, 1).expand(-1, -1, o, 1)
-    act = a.reshape(n * p, s, 1, 1)
-    for t, lam in enumerate(lambdas):
-        mu, var, logit = _m_step(flat_v, r, act, beta_u, beta_a, lam, var_floor, eps, normalize)
-        if t < len(lambdas) - 1:
-            logits = _e_step_logits(flat_v, mu, var, logit).reshape(n, p, s, o)
-            shift = per_child(logits.detach().amax(-1).reshape(n, -1), "amax").unsqueeze(-1)
-            e = torch.exp(logits - shift)
-            r = e / per_child(e.sum(-1).reshape(n, -1), "sum").unsqueeze(-1)
-            r = r.reshape(n * p, s, o, 1)
-    return mu.reshape(n, p, o, d), torch.sigmoid(logit).reshape(n, p, o), r.reshape(n, p, s, o)
+    return REF.conv_em_routing(
+        votes, a, beta_u, beta_a, lambdas, in_size=in_size, kernel_size=k, stride=stride,
+        normalize_cost=normalize, var_floor=var_floor, eps=eps,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Sabour CapsNet
@@ -185,7 +117,7 @@ class RefConvCaps(nn.Module):
         self.W = nn.Parameter(layer.weight.detach().clone().reshape(kk * t_in, t_out, 4, 4))
         self.beta_u = nn.Parameter(layer.beta_u.detach().clone())
         self.beta_a = nn.Parameter(layer.beta_a.detach().clone())
-        self.lambdas = layer.inverse_temperatures or _default_lambdas(layer.iterations)
+        self.lambdas = layer.inverse_temperatures or default_inverse_temperatures(layer.iterations)
         self.faithful = layer.routing == "faithful"
         self.normalize = layer.normalize_cost
 
@@ -229,7 +161,7 @@ class RefClassCaps(nn.Module):
         self.W = nn.Parameter(layer.weight.detach().clone())  # (T, E, 4, 4)
         self.beta_u = nn.Parameter(layer.beta_u.detach().clone())
         self.beta_a = nn.Parameter(layer.beta_a.detach().clone())
-        self.lambdas = layer.inverse_temperatures or _default_lambdas(layer.iterations)
+        self.lambdas = layer.inverse_temperatures or default_inverse_temperatures(layer.iterations)
         self.coordinates = layer.coordinate_addition
         self.normalize = layer.normalize_cost
 
@@ -255,13 +187,6 @@ class RefClassCaps(nn.Module):
             normalize=self.normalize,
         )
         return mu, out_a
-
-
-def _default_lambdas(iterations: int) -> list[float]:
-    top = float(min(iterations, 3))
-    if iterations == 1:
-        return [1.0]
-    return [1.0 + (top - 1.0) * t / (iterations - 1) for t in range(iterations)]
 
 
 class RefMatrixCapsNet(nn.Module):

@@ -531,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="per worker subprocess")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument(
+        "--output", "--out", dest="out", default=str(HERE / "RESULTS.md"),
+        help="Markdown report to write (--out: former name)",
+    )  # fmt: skip
     p.add_argument("--json", default=str(HERE / "results.json"))
     p.add_argument("--profile", default="", help="print a profiler table for one case")
     p.add_argument("--worker-time", default="", help=argparse.SUPPRESS)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_smoke_mode(tmp_path):
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
