@@ -16,13 +16,7 @@ def rand(*shape, seed=0, scale=1.0, dtype=DT):
     return torch.randn(*shape, generator=g, dtype=dtype) * scale
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- layouts

@@ -10,6 +10,7 @@ import torch
 import capsnet.functional as CF
 import capsnet.models as M
 from capsnet.models import ModelOutput
+from capsnet.objectives import compute_loss
 
 NAMES = ["capsnet", "hinton_cnn", "matrix_capsnet", "sabour_cnn"]
 
@@ -62,24 +63,11 @@ def inputs(model, batch=2, seed=0):
 
 
 def loss_for(name, out, images, labels):
-    loss = M.model_info(name).loss
-    if loss == "margin":
-        total = CF.margin_loss(out.scores, labels)
-        if out.reconstructions is not None:
-            total = total + 0.0005 * CF.reconstruction_loss(out.reconstructions, images)
-        return total
-    if loss == "spread":
-        return CF.spread_loss(out.scores, labels, margin=0.2)
-    return torch.nn.functional.cross_entropy(out.scores, labels)
+    """The model's paper objective, chosen by name as the trainer chooses it."""
+    return compute_loss(M.model_info(name).loss, out, images, labels, margin=0.2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- registry

@@ -9,14 +9,7 @@ import capsnet.functional as CF
 from capsnet import probes
 from experiment_helpers import TinyCNN, tiny_capsnet, tiny_matrix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_equivariance_probe_recovers_a_known_linear_map_exactly():

@@ -1,31 +1,19 @@
 """Fixtures of the capsnet.experiments tests: one intra-op thread, two tiny trained runs.
 
-The shared fakes live in ``tests/experiment_helpers.py`` next to ``training_helpers.py``;
-this folder has no ``__init__.py`` (like ``tests/data``), so ``tests/`` is put on the
-import path here for ``from experiment_helpers import ...`` and ``from training_helpers
-import ...`` to resolve however pytest is started.
+The shared fakes live in ``tests/experiment_helpers.py`` next to ``training_helpers.py``
+(``tests/conftest.py`` puts ``tests/`` on the import path).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only cost (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_here(one_thread):
+    """Every experiments test runs on one intra-op thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +22,7 @@ def tiny_runs(tmp_path_factory):
     from capsnet.train import train
     from training_helpers import TINY_MODEL, make_mnist, tiny_config
 
-    threads = torch.get_num_threads()  # set up before the module's _one_thread
+    threads = torch.get_num_threads()  # session-scoped: set up before one_thread
     torch.set_num_threads(1)
     try:
         tmp = tmp_path_factory.mktemp("runs")
