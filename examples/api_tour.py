@@ -1,6 +1,6 @@
 """A five-minute tour of the capsnet Python API (runs in a few seconds on a CPU).
 
-    python examples/api_tour.py
+python examples/api_tour.py
 """
 
 import torch
@@ -22,14 +22,16 @@ activations = torch.rand(8, 72)
 poses, out_act, assignments = CF.em_routing(votes, activations, beta_u=0.0, beta_a=0.0)
 print("EM routing:", tuple(poses.shape), tuple(out_act.shape))
 
+
 # 2. Layers drop into your own PyTorch models.
 class TinyCapsNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 64, 5), nn.ReLU())  # 28 -> 24
         self.primary = PrimaryCapsules(64, out_types=8, pose_dim=8, kernel_size=9, stride=2)
-        self.classes = DenseCapsules(in_caps=8 * 8 * 8, in_dim=8, out_caps=num_classes,
-                                     out_dim=16, iterations=3)
+        self.classes = DenseCapsules(
+            in_caps=8 * 8 * 8, in_dim=8, out_caps=num_classes, out_dim=16, iterations=3
+        )
 
     def forward(self, x):
         return capsule_lengths(self.classes(self.primary(self.stem(x))))
