@@ -464,3 +464,43 @@ def test_old_positional_and_renamed_arguments_warn_but_work():
         L.CapsuleDecoder(4, num_caps=4, pose_dim=8, output_shape=(1, 4, 4))
     with pytest.raises(TypeError, match="positional arguments at most"):
         L.ClassMatrixCapsules(2, 4, 2, None, True)
+
+
+# --------------------------------------------------------------------------- routing registry
+
+
+def test_a_new_routing_algorithm_is_one_function_and_one_registry_entry():
+    from capsnet.functional import algorithms
+
+    def uniform(votes, activations=None, *, iterations=1):
+        """Every child split evenly over the parents: poses are the mean vote."""
+        assignments = votes.new_full(votes.shape[:-1], 1.0 / votes.shape[-2])
+        poses = votes.mean(dim=-3)
+        return CF.RoutingResult(poses, poses.norm(dim=-1), assignments)
+
+    CF.register_routing("uniform_test", summary="test only")(uniform)
+    try:
+        assert "uniform_test" in CF.list_routings()
+        layer = L.DenseCapsules(5, in_dim=4, out_caps=3, out_dim=6, routing="uniform_test")
+        u = torch.randn(2, 5, 4)
+        v, c = layer(u, return_couplings=True)
+        torch.testing.assert_close(v, layer.predictions(u).mean(dim=1))
+        torch.testing.assert_close(c, torch.full((2, 5, 3), 1 / 3))
+        _, calls = _hooked(layer, u)
+        assert calls[0][1].kind == "uniform_test"
+    finally:
+        algorithms._REGISTRY.pop("uniform_test")
+    with pytest.raises(ValueError, match="routing must be one of 'dynamic', 'em'"):
+        L.DenseCapsules(5, in_dim=4, out_caps=3, out_dim=6, routing="uniform_test")
+
+
+def test_registered_algorithms_match_the_functions():
+    votes, acts = torch.randn(2, 6, 3, 16), torch.rand(2, 6)
+    em = CF.get_routing("em").function(votes, acts, iterations=2, beta_u=0.1, beta_a=-0.1)
+    for x, y in zip(em, CF.em_routing(votes, acts, 0.1, -0.1, 2), strict=True):
+        torch.testing.assert_close(x, y)
+    v, lengths, c = CF.get_routing("dynamic").function(votes, None, iterations=3)
+    v2, c2 = CF.dynamic_routing(votes, 3)
+    torch.testing.assert_close(v, v2)
+    torch.testing.assert_close(c, c2)
+    torch.testing.assert_close(lengths, L.capsule_lengths(v2))

@@ -5,6 +5,8 @@ Everything here is stateless: tensors in, tensors out, weights passed as argumen
 
 Where things are (one idea per file):
 
+* :mod:`~capsnet.functional.algorithms`: routing algorithms by name (the registry the
+  layers choose from; adding one = one function + ``@register_routing``).
 * :mod:`~capsnet.functional.routing`: the public routing functions
   (:func:`dynamic_routing`, :func:`em_routing`, :func:`conv_em_routing`), their checks and
   the one inverse-temperature schedule resolver.
@@ -38,6 +40,12 @@ References:
 """
 
 from capsnet.functional import reference
+from capsnet.functional.algorithms import (
+    RoutingResult,
+    get_routing,
+    list_routings,
+    register_routing,
+)
 from capsnet.functional.conv import ROUTING_MODES, conv_capsule_votes, conv_matrix_capsules
 from capsnet.functional.coordinates import coordinate_addition
 from capsnet.functional.geometry import conv_children_index
@@ -68,4 +76,8 @@ __all__ = [
     "coordinate_addition",
     "ROUTING_MODES",
     "reference",
+    "RoutingResult",
+    "register_routing",
+    "get_routing",
+    "list_routings",
 ]

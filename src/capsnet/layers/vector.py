@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,9 @@ class DenseCapsules(RoutingLayer):
         out_dim: output capsule size (16).
         iterations: routing iterations (3 in the paper).
         detach_inner: passed to :func:`capsnet.functional.dynamic_routing`.
+        routing: the routing algorithm by registered name
+            (:func:`capsnet.functional.list_routings`; ``"dynamic"``, the paper's); any
+            algorithm that needs no options beyond ``iterations`` works here.
         init_std: standard deviation of the normal initialisation of ``W`` (0.01, as in
             the official code).
         checkpoint: keep only the input for the backward pass and recompute the
@@ -141,6 +145,7 @@ class DenseCapsules(RoutingLayer):
         out_dim: int,
         iterations: int = 3,
         detach_inner: bool = False,
+        routing: str = "dynamic",
         init_std: float = 0.01,
         checkpoint: bool = False,
         device: torch.device | str | None = None,
@@ -154,6 +159,7 @@ class DenseCapsules(RoutingLayer):
         self.out_dim = positive_int("out_dim", out_dim)
         self.iterations = positive_int("iterations", iterations)
         self.detach_inner = bool(detach_inner)
+        self.routing = CF.get_routing(routing).name
         self.init_std = float(init_std)
         self.weight = nn.Parameter(
             torch.empty(in_caps, out_caps, out_dim, in_dim, device=device, dtype=dtype)
@@ -177,18 +183,25 @@ class DenseCapsules(RoutingLayer):
 
     def _route(self, u: Tensor) -> tuple[Tensor, Tensor]:
         u_hat = self.predictions(u)
-        if self.has_routing_hooks:
-            return self._routed(
+        if self.routing == "dynamic":  # the paper's: called directly (hooks see its arguments)
+            route = self._routed if self.has_routing_hooks else _call
+            return route(
                 "dynamic", CF.dynamic_routing, u_hat, self.iterations,
                 detach_inner=self.detach_inner,
             )  # fmt: skip
-        return CF.dynamic_routing(u_hat, self.iterations, detach_inner=self.detach_inner)
+        algorithm = CF.get_routing(self.routing).function
+        route = self._routed if self.has_routing_hooks else _call
+        poses, _, assignments = route(
+            self.routing, algorithm, u_hat, None, iterations=self.iterations
+        )
+        return poses, assignments
 
     def extra_repr(self) -> str:
         return (
             f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
             f"out_dim={self.out_dim}, iterations={self.iterations}, "
-            f"detach_inner={self.detach_inner}, checkpoint={self.checkpoint}"
+            f"detach_inner={self.detach_inner}, routing={self.routing!r}, "
+            f"checkpoint={self.checkpoint}"
         )
 
 
@@ -270,3 +283,8 @@ class CapsuleDecoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, pose_dim={self.pose_dim}"
+
+
+def _call(_: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)``: :meth:`RoutingLayer._routed` without hooks."""
+    return function(*args, **kwargs)
