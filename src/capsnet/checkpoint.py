@@ -243,7 +243,7 @@ def load_checkpoint(
 # ------------------------------------------------------------------ inference loading
 
 
-def resolve_weights(path: str | Path, which: str = "best") -> Path:
+def resolve_weights(path: str | os.PathLike, which: str = "best") -> Path:
     """The weights file for ``path``: a ``.safetensors`` file or a run directory.
 
     In a run directory ``which`` (``"best"`` or ``"last"``) is used, falling back to the
@@ -267,7 +267,7 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
     return path
 
 
-def read_metadata(path: str | Path, which: str = "best") -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike, which: str = "best") -> dict[str, Any]:
     """Model name, kwargs, run config, epoch and step stored with a checkpoint's weights."""
     file = resolve_weights(path, which)
     try:

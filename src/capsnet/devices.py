@@ -33,6 +33,7 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
         ValueError: ``name`` is not a device name.
         RuntimeError: the device is not available on this machine.
     """
+    device: torch.device | None
     if isinstance(name, torch.device):
         device = name
     elif isinstance(name, str):

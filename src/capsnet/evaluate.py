@@ -78,7 +78,7 @@ class EvalResult:
                 f"{100 * acc:7.2f}  " if acc is not None else "    -    "
             )
             row += " ".join(str(c).rjust(width) for c in self.confusion[i])
-            if scores:
+            if self.mean_scores is not None and self.mean_scores_by_class is not None:
                 n_i = sum(self.confusion[i])
                 own = self.mean_scores_by_class[i][i]
                 other = (self.mean_scores[i] * n - own * n_i) / max(n - n_i, 1)
@@ -95,7 +95,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: Iterable[tuple[Tensor, ...]],
     *,
     num_classes: int,
     classes: list[str] | None = None,

@@ -117,7 +117,8 @@ def two_digit_loss(
     targets = (TF.one_hot(labels, k) + TF.one_hot(labels2, k)).clamp(max=1).float()
     loss = class_loss("margin", scores, targets)
     if output.reconstructions is not None and reconstruction_weight > 0:
-        second = model.reconstruct(output.poses, labels2)
+        # nn.Module.__getattr__ is typed Tensor | Module, so mypy sees a maybe-Tensor
+        second = model.reconstruct(output.poses, labels2)  # type: ignore[operator]
         recon = F.reconstruction_loss(output.reconstructions.float(), components[:, 0])
         recon = recon + F.reconstruction_loss(second.float(), components[:, 1])
         loss = loss + reconstruction_weight * recon

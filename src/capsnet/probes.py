@@ -165,7 +165,7 @@ def routing_trace(call: RoutingCall, iterations: int | None = None) -> list[dict
 # --------------------------------------------------------------------------- dead capsules
 
 
-def _capsule_layer_types() -> tuple[type, ...]:
+def _capsule_layer_types() -> tuple[type[nn.Module], ...]:
     from capsnet import layers
 
     return (

@@ -379,8 +379,8 @@ class Trainer:
                     self._save("last", None)
         bar.close()
         self.epoch_sums = None  # the epoch is complete; nothing to continue
-        loss, acc, _ = meter.reduced()
-        return loss, acc, time.perf_counter() - tic
+        epoch_loss, acc, _ = meter.reduced()
+        return epoch_loss, acc, time.perf_counter() - tic
 
     def _forward_loss(self, batch: tuple[Tensor, ...], margin: float) -> tuple[Tensor, Tensor]:
         """Loss and per-example correctness of one batch."""
@@ -437,7 +437,8 @@ class Trainer:
                 self.model, loader, num_classes=len(self.classes), classes=self.classes,
                 capsule_scores=self.capsule_scores, loss_fn=loss_fn, precision=cfg.precision,
                 limit_batches=cfg.limit_eval_batches, progress=cfg.progress and self.ctx.is_main,
-                labels2=loader.dataset.labels2 if self.two_digits else None,
+                # labels2: an extra of two-digit data, set with setattr (no static attribute)
+                labels2=getattr(loader.dataset, "labels2") if self.two_digits else None,  # noqa: B009
             )  # fmt: skip
             record[f"{name}_loss"] = results[name].loss
             record[f"{name}_accuracy"] = results[name].accuracy

@@ -226,11 +226,12 @@ def folder(
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-    size = None
+    size: tuple[int, int] | None = None
     if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or min(size) < 1:
+        dims = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(dims) != 2 or min(dims) < 1:
             raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+        size = (dims[0], dims[1])
     splits = _split_folders(base)
     if splits:
         if split not in splits:

@@ -21,6 +21,7 @@ replacement (the official code draws without replacement among 2 x pairs candida
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -138,7 +139,7 @@ def affnist_generated(
         copies=copies,
         rotation=rotation,
         shear=shear,
-        scale=tuple(scale),
+        scale=cast("tuple[float, float]", tuple(scale)),  # (low, high): checked by RandomAffine
         canvas=canvas,
         progress=progress,
     )
@@ -252,6 +253,9 @@ class MultiMNISTDataset(ImageDataset):
 
     source_images: Tensor
     canvas: int
+    labels2: Tensor  # extras (set by ImageDataset from ``extras``)
+    pairs: Tensor
+    positions: Tensor
 
     def components(self, indices: Tensor | None = None) -> Tensor:
         """The two shifted single digits of examples ``indices`` (default: all).

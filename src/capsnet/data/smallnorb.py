@@ -41,6 +41,7 @@ from capsnet.data.formats import parse_smallnorb
 from capsnet.data.registry import register_dataset
 from capsnet.data.sources import (
     CorruptFileError,
+    DatasetNotFoundError,
     RemoteFile,
     cache_key,
     cache_load,
@@ -120,6 +121,7 @@ def viewpoint_mask(info: Tensor, viewpoint: str, familiar: bool = True) -> Tenso
     Returns:
         ``(N,)`` bool.
     """
+    values: tuple[int, ...]
     if viewpoint == "azimuth":
         column, values = 2, AZIMUTH_FAMILIAR
     elif viewpoint == "elevation":
@@ -183,7 +185,12 @@ def load_smallnorb(
         download=download,
         progress=progress,
     )
-    paths = [locate(files[k], folder) for k in ("dat", "cat", "info")]
+    paths: list[Path] = []
+    for k in ("dat", "cat", "info"):
+        path = locate(files[k], folder)
+        if path is None:  # ensure_files has found or fetched every file
+            raise DatasetNotFoundError(f"{files[k].name}[.gz] not found in {folder}")
+        paths.append(path)
     key = cache_key("smallnorb", split, channels, size, verify, files=paths)
     if cache:
         hit = cache_load(root_path, f"smallnorb-{split}", key)

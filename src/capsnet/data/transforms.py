@@ -505,7 +505,7 @@ class RandomAffine(Transform):
         """
         _check_batch(x)
         B = x.shape[0]
-        out = self.output_size(tuple(x.shape[-2:]))
+        out = self.output_size((x.shape[-2], x.shape[-1]))
         A = random_affine_params(
             B, generator, rotation=self.rotation, shear=self.shear, scale=self.scale
         )
@@ -527,4 +527,4 @@ class RandomAffine(Transform):
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         A, t = self.sample(x, generator)
-        return apply_affine(x, A, t, self.output_size(tuple(x.shape[-2:])))
+        return apply_affine(x, A, t, self.output_size((x.shape[-2], x.shape[-1])))

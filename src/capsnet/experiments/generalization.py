@@ -50,7 +50,7 @@ def matched_checkpoints(
         raise ValueError("familiar_errors must map every model to a non-empty list of errors")
     level = max(min(v) for v in familiar_errors.values()) if target is None else float(target)
     chosen = {
-        label: min(range(len(errs)), key=lambda i, errs=errs: (abs(errs[i] - level), i))
+        label: min((abs(e - level), i) for i, e in enumerate(errs))[1]
         for label, errs in familiar_errors.items()
     }
     return level, chosen
@@ -137,7 +137,7 @@ def generalization_protocol(
     for label, config in configs.items():
         run_dir = out_dir / "runs" / label
         state_file = run_dir / "protocol.json"
-        state = {"familiar_error": [], "novel_error": []}
+        state: dict[str, list[float]] = {"familiar_error": [], "novel_error": []}
         if state_file.is_file():
             state = json.loads(state_file.read_text(encoding="utf-8"))
 
@@ -156,7 +156,7 @@ def generalization_protocol(
     level, chosen = matched_checkpoints(
         {k: v["familiar_error"] for k, v in curves.items()}, target_error
     )
-    results = {
+    results: dict[str, Any] = {
         "matched_familiar_error": level,
         "models": {
             label: {

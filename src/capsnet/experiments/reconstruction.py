@@ -87,7 +87,7 @@ def reconstruction_experiment(
     deltas = [float(d) for d in deltas]
     delta_t = torch.tensor(deltas, device=device, dtype=out.poses.dtype)
     pose_dim = out.poses.shape[-1]
-    perturbed = []
+    perturbed: list[dict[str, Any]] = []
     for i in picks:
         cls = int(preds[i])
         base = out.poses[i : i + 1]  # (1, O, D)
@@ -96,9 +96,10 @@ def reconstruction_experiment(
         )
         grid[torch.arange(pose_dim), :, cls, torch.arange(pose_dim)] += delta_t  # (D, S, O, D)
         flat = grid.reshape(-1, *base.shape[1:])
-        decoded = model.reconstruct(flat, torch.full((flat.shape[0],), cls, device=device))
+        # nn.Module.__getattr__ is typed Tensor | Module: mypy sees a maybe-Tensor (twice)
+        decoded = model.reconstruct(flat, torch.full((flat.shape[0],), cls, device=device))  # type: ignore[operator]
         decoded = decoded.reshape(pose_dim, len(deltas), *decoded.shape[1:])
-        reference = model.reconstruct(base, torch.tensor([cls], device=device))
+        reference = model.reconstruct(base, torch.tensor([cls], device=device))  # type: ignore[operator]
         sensitivity = (decoded - reference).abs().flatten(2).mean(-1).mean(-1)  # (D,)
         fig = plots.plot_pose_perturbation(
             decoded,

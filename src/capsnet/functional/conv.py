@@ -168,7 +168,7 @@ def conv_matrix_capsules(
         mu, logit = ConvCapsulesEM.apply(children, child_act, w_mat, *betas, config)
     else:
         mu, logit, _ = conv_capsules_forward(
-            children, child_act, w_mat, *betas, config, keep_saved=False
+            children, child_act, w_mat, betas[0], betas[1], config, keep_saved=False
         )
     out = poses.dtype
     return (

@@ -13,6 +13,7 @@ Letters as in :mod:`capsnet.functional.routing`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,7 +234,7 @@ def conv_matrix_capsules(
     votes, child_act = conv_capsule_votes(poses, activations, weight, kernel_size, stride)
     n, h, w = poses.shape[:3]
     h_out, w_out = (h - kernel_size) // stride + 1, (w - kernel_size) // stride + 1
-    options = {"normalize_cost": normalize_cost, "var_floor": var_floor, "eps": eps}
+    options: dict[str, Any] = {"normalize_cost": normalize_cost, "var_floor": var_floor, "eps": eps}
     if routing == "faithful":
         mu, act, _ = conv_em_routing(
             votes, child_act, beta_u, beta_a, lambdas, in_size=(h, w), kernel_size=kernel_size,

@@ -107,7 +107,11 @@ def resolve_inverse_temperatures(
 
 
 def _check_em_inputs(
-    votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, batch_shape: str
+    votes: Tensor,
+    activations: Tensor,
+    beta_u: Tensor | float,
+    beta_a: Tensor | float,
+    batch_shape: str,
 ) -> tuple[Tensor, Tensor]:
     check_float("votes", votes)
     check_float("activations", activations)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -228,7 +228,8 @@ class ConvMatrixCapsules(RoutingLayer):
 
     def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``(H_out, W_out)`` for an ``(H, W)`` input grid."""
-        return tuple(conv_output_size(s, self.kernel_size, self.stride) for s in input_size)
+        (h, w), k, s = input_size, self.kernel_size, self.stride
+        return conv_output_size(h, k, s), conv_output_size(w, k, s)
 
     def votes(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Gather receptive fields and compute ``V = M W`` for every (child, parent).
@@ -243,7 +244,7 @@ class ConvMatrixCapsules(RoutingLayer):
         votes, child_act = CF.conv_capsule_votes(
             poses, activations, self.weight, self.kernel_size, self.stride
         )
-        return votes, child_act, self.output_size(tuple(poses.shape[1:3]))
+        return votes, child_act, self.output_size((poses.shape[1], poses.shape[2]))
 
     def _check_input(self, poses: Tensor, activations: Tensor) -> None:
         _check_grid("input", poses, activations, self.in_types)
@@ -336,7 +337,7 @@ class ClassMatrixCapsules(RoutingLayer):
         iterations: int = 2,
         inverse_temperatures: Sequence[float] | None = None,
         coordinate_addition: bool = True,
-        coordinate_elements: tuple[int, int] = (0, 1),
+        coordinate_elements: Sequence[int] = (0, 1),
         normalize_cost: bool = False,
         init_std: float = 0.5,
         checkpoint: bool = False,
@@ -350,7 +351,10 @@ class ClassMatrixCapsules(RoutingLayer):
         self.iterations = iterations
         self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
         self.coordinate_addition = bool(coordinate_addition)
-        self.coordinate_elements = tuple(int(x) for x in coordinate_elements)
+        # (row, col) entries; the length is checked just below
+        self.coordinate_elements = cast(
+            "tuple[int, int]", tuple(int(x) for x in coordinate_elements)
+        )
         if len(self.coordinate_elements) != 2 or not all(
             0 <= x < 16 for x in self.coordinate_elements
         ):

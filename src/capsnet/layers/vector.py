@@ -82,9 +82,8 @@ class PrimaryCapsules(nn.Module):
 
     def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``(H_out, W_out)`` of the capsule grid for an ``(H, W)`` input map."""
-        return tuple(
-            conv_output_size(s, self.kernel_size, self.stride, self.padding) for s in input_size
-        )
+        (h, w), k, s, p = input_size, self.kernel_size, self.stride, self.padding
+        return conv_output_size(h, k, s, p), conv_output_size(w, k, s, p)
 
     def num_capsules(self, input_size: tuple[int, int]) -> int:
         """``H_out * W_out * T``, the number of capsules for an ``(H, W)`` input map."""

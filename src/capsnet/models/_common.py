@@ -14,7 +14,7 @@ __all__ = ["as_size", "positive_int", "check_images", "check_targets"]
 def as_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     """``28`` or ``(28, 28)`` (or a JSON list ``[28, 28]``) -> ``(H, W)``."""
     if isinstance(input_size, int) and not isinstance(input_size, bool):
-        size = (input_size, input_size)
+        size: tuple[int, ...] = (input_size, input_size)
     elif isinstance(input_size, Sequence) and not isinstance(input_size, str):
         size = tuple(input_size)
     else:
@@ -23,7 +23,7 @@ def as_size(input_size: int | Sequence[int]) -> tuple[int, int]:
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
     ):
         raise ValueError(f"input_size must be a positive int or (H, W), got {input_size!r}")
-    return size  # type: ignore[return-value]
+    return size[0], size[1]
 
 
 def check_images(images: Tensor, in_channels: int, input_size: tuple[int, int]) -> None:

@@ -136,7 +136,8 @@ class MatrixCapsNet(nn.Module):
         positive_int("iterations", iterations)
         grids = [self.input_size]
         for k, s in ((5, 2), (3, 2), (3, 1)):
-            grids.append(tuple(conv_output_size(x, k, s) for x in grids[-1]))
+            h, w = grids[-1]
+            grids.append((conv_output_size(h, k, s), conv_output_size(w, k, s)))
         if min(grids[-1]) < 1:
             raise ValueError(
                 f"input_size must be at least 17x17 for the 5x5/2, 3x3/2, 3x3/1 kernels, "

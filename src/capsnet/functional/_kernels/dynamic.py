@@ -77,13 +77,15 @@ class _DynamicRouting(torch.autograd.Function):
             return grad_u.view(g, o, i, d), None, None
         # d/du of sum_t [c^t . s^t-terms] + sum_t [a^t-terms]: collect the rank-one factors
         # (c^t (x) grad s^t and grad a^t (x) v^t) and form grad_u once at the end.
-        left, right = [], []
-        grad_b = None  # gradient w.r.t. the logits b^{t+1}
+        left: list[Tensor] = []
+        right: list[Tensor] = []
+        grad_b: Tensor | None = None  # gradient w.r.t. the logits b^{t+1}
         for t in reversed(range(r)):
             if t == r - 1:
                 grad_vt = grad_v
             else:
                 # b^{t+1} = b^t + a^t with a^t_ji = u_j|i . v^t_j
+                assert grad_b is not None  # set by iteration t + 1
                 left.append(grad_b)
                 right.append(vs[t])
                 grad_vt = torch.bmm(grad_b.view(g * o, 1, i), uf).view(g, o, d)

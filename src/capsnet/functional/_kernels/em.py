@@ -229,6 +229,7 @@ def em_backward(
             # L_ij = -0.5 E_ij - 0.5 sum_h (log var_j^h + log 2pi) + logsigmoid(logit_j),
             # E_ij = sum_h (V_ij^h - mu_j^h)^2 / var_j^h.
             r_next = saved[4 * (t + 1)]
+            assert grad_next is not None  # set by iteration t + 1
             inner = (grad_next * r_next).sum(dim=1)  # (G, I)
             if geometry is not None:  # normalised over all of the child's parents
                 n_, p_, s_ = geometry.batch, geometry.positions, geometry.slots
@@ -357,7 +358,8 @@ def em_forward_chunked(
         saved[0] = saved[0][:, :1]
         mus.append(mu)
         logits.append(logit)
-        assigns.append(assign if keep_assign else None)
+        if keep_assign:
+            assigns.append(assign)
         saved_chunks.append(saved if keep_saved else [])
     saved = [cat_rows(x) for x in zip(*saved_chunks, strict=True)]
     return cat_rows(mus), cat_rows(logits), cat_rows(assigns) if keep_assign else None, saved
