@@ -20,13 +20,13 @@ from capsnet import attacks, objectives, plots
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     Progress,
-    _check_models,
-    _describe,
-    _progress,
+    check_models,
+    describe_models,
     eval_batches,
     preprocess_of,
+    with_progress,
 )
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["attack_experiment"]
 
@@ -69,7 +69,7 @@ def attack_experiment(
         device: where to run.
         progress: e.g. ``tqdm.tqdm`` for progress bars.
     """
-    _check_models(models)
+    check_models(models)
     out_dir = Path(out_dir)
     device = resolve_device(device)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -87,7 +87,7 @@ def attack_experiment(
                 desc = f"{label} {method}{' targeted' if tgt else ''}"
                 run = attacks.evaluate_attack(
                     model,
-                    _progress(progress, batches, desc=desc, leave=False),
+                    with_progress(progress, batches, desc=desc, leave=False),
                     num_classes=dataset.num_classes,
                     epsilons=epsilons,
                     method=method,
@@ -137,13 +137,13 @@ def attack_experiment(
             "seed": seed,
             "dataset": getattr(dataset, "name", type(dataset).__name__),
         },
-        models=_describe(models, model_names),
+        models=describe_models(models, model_names),
         results=results,
         figures=[figure],
         summary=summary,
         notes=notes,
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)
 
 
 def _resolve_losses(

@@ -21,9 +21,9 @@ from torch import nn
 
 from capsnet import plots
 from capsnet.devices import resolve_device
-from capsnet.experiments.evaluation import _check_models, _describe, evaluate_accuracy
+from capsnet.experiments.evaluation import check_models, describe_models, evaluate_accuracy
 from capsnet.experiments.generalization import generalization_protocol
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["affine_test_set", "affnist_experiment", "affnist_protocol"]
 
@@ -72,7 +72,7 @@ def affnist_experiment(
     vs 99.22 %): CapsNet 79 % on affNIST, the CNN 66 %. The record states both models'
     familiar accuracies so a mismatch is visible.
     """
-    _check_models(models)
+    check_models(models)
     size = tuple(getattr(affine, "image_size", ()))
     for label, model in models.items():
         model_size = tuple(getattr(model, "input_size", ()))
@@ -124,13 +124,13 @@ def affnist_experiment(
         "affnist",
         "affNIST generalisation",
         settings={"familiar": familiar_name, "affine": affine_name, "max_examples": max_examples},
-        models=_describe(models, model_names),
+        models=describe_models(models, model_names),
         results=results,
         figures=[figure],
         summary=[{"model": k, **v} for k, v in results.items()],
         notes=notes,
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)
 
 
 def affnist_protocol(

@@ -20,16 +20,16 @@ from torch import Tensor, nn
 from capsnet import plots, probes
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
-    _UNITS,
+    TRANSFORM_UNITS,
     Progress,
-    _check_models,
-    _describe,
-    _model_input,
-    _progress,
-    _transform,
+    check_models,
+    describe_models,
     eval_batches,
+    image_transform,
+    model_input,
+    with_progress,
 )
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["equivariance_experiment"]
 
@@ -71,7 +71,7 @@ def equivariance_experiment(
     Note: a bigger feature vector gives the fitted map more freedom; compare models at
     similar sizes or look at the gap to the identity residual too.
     """
-    _check_models(models)
+    check_models(models)
     out_dir = Path(out_dir)
     device = resolve_device(device)
     transforms = [("translation", float(t)) for t in translations] + [
@@ -85,14 +85,14 @@ def equivariance_experiment(
         batches = eval_batches(
             dataset, batch_size=batch_size, max_examples=max_examples, device=device
         )
-        for images, labels in _progress(
+        for images, labels in with_progress(
             progress, batches, desc=f"{label} equivariance", leave=False
         ):
-            x = _model_input(dataset, images)
+            x = model_input(dataset, images)
             for k, v in _features(model, x, labels).items():
                 feats.setdefault(k, []).append(v.cpu())
             for t in transforms:
-                for k, v in _features(model, _transform(*t)(x), labels).items():
+                for k, v in _features(model, image_transform(*t)(x), labels).items():
                     moved[t].setdefault(k, []).append(v.cpu())
         per_feature: dict[str, Any] = {}
         for k, chunks in feats.items():
@@ -120,7 +120,7 @@ def equivariance_experiment(
                 list(values),
                 series,
                 out_dir / f"equivariance_{kind}.png",
-                xlabel=f"{kind} ({_UNITS[kind]})",
+                xlabel=f"{kind} ({TRANSFORM_UNITS[kind]})",
                 ylabel="held-out residual (1 - R^2)",
                 title=f"Equivariance under {kind}: can one linear map predict f(Tx) from f(x)?",
                 styles=styles,
@@ -145,7 +145,7 @@ def equivariance_experiment(
             "fit_fraction": fit_fraction,
             "ridge": ridge,
         },
-        models=_describe(models, model_names),
+        models=describe_models(models, model_names),
         results=results,
         figures=figures,
         summary=summary,
@@ -157,4 +157,4 @@ def equivariance_experiment(
             "A larger feature vector gives the fitted map more freedom; see `dim`.",
         ],
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)

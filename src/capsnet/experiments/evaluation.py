@@ -25,7 +25,7 @@ __all__ = ["Progress", "preprocess_of", "class_names", "eval_batches", "evaluate
 Progress = Callable[..., Any] | None
 
 
-def _check_dataset(dataset: Any) -> None:
+def check_dataset(dataset: Any) -> None:
     for attr in ("images", "labels", "num_classes"):
         if not hasattr(dataset, attr):
             raise TypeError(
@@ -64,7 +64,7 @@ def eval_batches(
     Yields:
         ``(images (B, C, H, W) float32 in [0, 1], labels (B,) int64)``.
     """
-    _check_dataset(dataset)
+    check_dataset(dataset)
     idx = torch.arange(len(dataset.labels)) if indices is None else torch.as_tensor(indices)
     if max_examples is not None:
         idx = idx[: int(max_examples)]
@@ -77,7 +77,7 @@ def eval_batches(
         yield images.to(device), labels.to(device)
 
 
-def _model_input(dataset: Any, images: Tensor) -> Tensor:
+def model_input(dataset: Any, images: Tensor) -> Tensor:
     pre = preprocess_of(dataset)
     return pre(images) if pre is not None else images
 
@@ -108,7 +108,7 @@ def evaluate_accuracy(
             indices=indices,
             device=device,
         ):
-            x = _model_input(dataset, images)
+            x = model_input(dataset, images)
             if transform is not None:
                 x = transform(x)
             correct += int((model(x).scores.argmax(-1) == labels).sum())
@@ -120,11 +120,11 @@ def evaluate_accuracy(
     return correct / total
 
 
-def _progress(progress: Progress, iterable: Any, **kwargs: Any) -> Any:
+def with_progress(progress: Progress, iterable: Any, **kwargs: Any) -> Any:
     return progress(iterable, **kwargs) if progress is not None else iterable
 
 
-def _check_models(models: Mapping[str, nn.Module]) -> None:
+def check_models(models: Mapping[str, nn.Module]) -> None:
     if not isinstance(models, Mapping) or not models:
         raise ValueError("models must be a non-empty {label: model} mapping")
     for label, m in models.items():
@@ -132,7 +132,7 @@ def _check_models(models: Mapping[str, nn.Module]) -> None:
             raise TypeError(f"models[{label!r}] must be an nn.Module, got {type(m).__name__}")
 
 
-def _describe(models: Mapping[str, nn.Module], names: Mapping[str, str] | None) -> dict:
+def describe_models(models: Mapping[str, nn.Module], names: Mapping[str, str] | None) -> dict:
     """The record's ``models`` entry: class, registry name and parameter count per label."""
     return {
         label: {
@@ -144,7 +144,7 @@ def _describe(models: Mapping[str, nn.Module], names: Mapping[str, str] | None) 
     }
 
 
-def _pick_examples(labels: Tensor, preds: Tensor, count: int) -> list[int]:
+def pick_examples(labels: Tensor, preds: Tensor, count: int) -> list[int]:
     """Up to ``count`` correctly classified examples of distinct classes, then any."""
     picked: list[int] = []
     seen: set[int] = set()
@@ -158,10 +158,10 @@ def _pick_examples(labels: Tensor, preds: Tensor, count: int) -> list[int]:
     return picked + rest[: count - len(picked)]
 
 
-_TRANSFORMS = ("rotation", "translation", "scale")
+TRANSFORMS = ("rotation", "translation", "scale")
 
 
-def _transform(kind: str, value: float) -> Callable[[Tensor], Tensor]:
+def image_transform(kind: str, value: float) -> Callable[[Tensor], Tensor]:
     """The transform T of model inputs ``(B, C, H, W)`` that sweeps and equivariance apply."""
     if kind == "rotation":
         return lambda x: probes.affine_images(x, angle=value)
@@ -169,7 +169,7 @@ def _transform(kind: str, value: float) -> Callable[[Tensor], Tensor]:
         return lambda x: probes.affine_images(x, translate=(value, 0.0))
     if kind == "scale":
         return lambda x: probes.affine_images(x, scale=value)
-    raise ValueError(f"kind must be one of {', '.join(map(repr, _TRANSFORMS))}, got {kind!r}")
+    raise ValueError(f"kind must be one of {', '.join(map(repr, TRANSFORMS))}, got {kind!r}")
 
 
-_UNITS = {"rotation": "degrees", "translation": "pixels (right)", "scale": "zoom factor"}
+TRANSFORM_UNITS = {"rotation": "degrees", "translation": "pixels (right)", "scale": "zoom factor"}

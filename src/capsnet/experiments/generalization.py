@@ -24,7 +24,7 @@ import torch
 from capsnet import plots
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import evaluate_accuracy
-from capsnet.experiments.records import _finish, make_record, write_json
+from capsnet.experiments.records import finish_record, make_record, write_json
 
 __all__ = ["matched_checkpoints", "generalization_protocol"]
 
@@ -221,4 +221,4 @@ def generalization_protocol(
             *notes,
         ],
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)

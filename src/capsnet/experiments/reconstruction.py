@@ -18,13 +18,13 @@ from torch import nn
 from capsnet import plots
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
-    _describe,
-    _model_input,
-    _pick_examples,
     class_names,
+    describe_models,
     eval_batches,
+    model_input,
+    pick_examples,
 )
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["reconstruction_experiment"]
 
@@ -71,7 +71,7 @@ def reconstruction_experiment(
     device = resolve_device(device)
     model.to(device).eval()
     images, labels = next(eval_batches(dataset, batch_size=max(num_examples, 200), device=device))
-    x = _model_input(dataset, images)
+    x = model_input(dataset, images)
     out = model(x)
     if out.reconstructions is None:
         raise ValueError("the model returned no reconstructions")
@@ -82,7 +82,7 @@ def reconstruction_experiment(
         plots.plot_reconstructions(x[:n], out.reconstructions[:n], out_dir / "reconstructions.png")
     ]
 
-    picks = _pick_examples(labels, preds, num_perturbed)
+    picks = pick_examples(labels, preds, num_perturbed)
     names = class_names(dataset)
     deltas = [float(d) for d in deltas]
     delta_t = torch.tensor(deltas, device=device, dtype=out.poses.dtype)
@@ -127,7 +127,7 @@ def reconstruction_experiment(
         "reconstruction",
         "Reconstructions and pose perturbations",
         settings={"num_examples": n, "num_perturbed": num_perturbed, "deltas": deltas},
-        models=_describe({label: model}, None),
+        models=describe_models({label: model}, None),
         results=results,
         figures=figures,
         summary=[
@@ -143,4 +143,4 @@ def reconstruction_experiment(
             "capsule; columns are the deltas.",
         ],
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)

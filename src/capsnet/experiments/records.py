@@ -95,6 +95,6 @@ def _command_line() -> str:
     return " ".join(argv)
 
 
-def _finish(out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+def finish_record(out_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     write_json(out_dir / f"{record['experiment']}.json", record)
     return record

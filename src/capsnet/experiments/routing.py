@@ -21,14 +21,14 @@ from capsnet import plots, probes
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     Progress,
-    _describe,
-    _model_input,
-    _pick_examples,
-    _progress,
     class_names,
+    describe_models,
     eval_batches,
+    model_input,
+    pick_examples,
+    with_progress,
 )
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["routing_experiment"]
 
@@ -121,8 +121,8 @@ def routing_experiment(
     kind = None
     total = 0
     batches = eval_batches(dataset, batch_size=batch_size, max_examples=max_examples, device=device)
-    for images, labels in _progress(progress, batches, desc=f"{label} routing", leave=False):
-        x = _model_input(dataset, images)
+    for images, labels in with_progress(progress, batches, desc=f"{label} routing", leave=False):
+        x = model_input(dataset, images)
         with probes.capture_routing(model, last_only=True) as cap:
             out = model(x)
         if not cap.calls:
@@ -140,7 +140,7 @@ def routing_experiment(
             layer_acts.setdefault(name, []).append(act.cpu())
         if not shown:
             preds = out.scores.argmax(-1)
-            for i in _pick_examples(labels, preds, num_examples):
+            for i in pick_examples(labels, preds, num_examples):
                 what = f"test example {i} (label {names[int(labels[i])]}, "
                 what += f"predicted {names[int(preds[i])]})"
                 figures += _routing_example_figures(
@@ -201,7 +201,7 @@ def routing_experiment(
             "max_examples": total,
             "dead_threshold": dead_threshold,
         },
-        models=_describe({label: model}, None),
+        models=describe_models({label: model}, None),
         results={"per_iteration": per_iter, "dead_fraction": dead, "examples": shown},
         figures=figures,
         summary=summary,
@@ -214,4 +214,4 @@ def routing_experiment(
             "sum_i c_ij u_hat_j|i / sum_i c_ij) or R_ij a_i (EM, mean = mu_j).",
         ],
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)

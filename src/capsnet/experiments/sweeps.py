@@ -18,15 +18,15 @@ from torch import nn
 from capsnet import plots
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
-    _UNITS,
+    TRANSFORM_UNITS,
     Progress,
-    _check_models,
-    _describe,
-    _progress,
-    _transform,
+    check_models,
+    describe_models,
     evaluate_accuracy,
+    image_transform,
+    with_progress,
 )
-from capsnet.experiments.records import _finish, make_record
+from capsnet.experiments.records import finish_record, make_record
 
 __all__ = ["transform_sweep"]
 
@@ -58,8 +58,8 @@ def transform_sweep(
         max_examples, batch_size, model_names, device, progress: as in
             :func:`attack_experiment`.
     """
-    _check_models(models)
-    _transform(kind, 0.0)
+    check_models(models)
+    image_transform(kind, 0.0)
     out_dir = Path(out_dir)
     device = resolve_device(device)
     accuracy: dict[str, list[float]] = {}
@@ -69,19 +69,19 @@ def transform_sweep(
             evaluate_accuracy(
                 model,
                 dataset,
-                transform=_transform(kind, float(v)),
+                transform=image_transform(kind, float(v)),
                 batch_size=batch_size,
                 max_examples=max_examples,
                 device=device,
             )
-            for v in _progress(progress, list(values), desc=f"{label} {kind}", leave=False)
+            for v in with_progress(progress, list(values), desc=f"{label} {kind}", leave=False)
         ]
     name = f"{kind}_sweep"
     figure = plots.plot_lines(
         list(values),
         accuracy,
         out_dir / f"{name}.png",
-        xlabel=f"{kind} ({_UNITS[kind]})",
+        xlabel=f"{kind} ({TRANSFORM_UNITS[kind]})",
         ylabel="test accuracy",
         title=f"Accuracy vs {kind} of the test images",
         shade=train_range,
@@ -100,7 +100,7 @@ def transform_sweep(
             "train_range": train_range,
             "max_examples": max_examples,
         },
-        models=_describe(models, model_names),
+        models=describe_models(models, model_names),
         results={"values": list(values), "accuracy": accuracy},
         figures=[figure],
         summary=summary,
@@ -109,4 +109,4 @@ def transform_sweep(
             "bilinear, zero fill."
         ],
     )
-    return _finish(out_dir, record)
+    return finish_record(out_dir, record)
