@@ -9,6 +9,7 @@ untargeted and targeted, with a chosen attack loss per model.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def attack_experiment(
     check_models(models)
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     summary = []
     attack_losses = _resolve_losses(models, losses, model_names)  # checked before any work
@@ -127,6 +129,8 @@ def attack_experiment(
         "attack",
         "Adversarial robustness (FGSM / BIM)"
         + ("" if losses == "cross_entropy" else f", attack loss: {_loss_names(losses)}"),
+        device=device,
+        started=started,
         settings={
             "epsilons": list(epsilons),
             "methods": list(methods),

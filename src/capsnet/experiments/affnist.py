@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def affnist_experiment(
             )
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     results = {}
     for label, model in models.items():
         model.to(device)
@@ -123,6 +125,8 @@ def affnist_experiment(
     record = make_record(
         "affnist",
         "affNIST generalisation",
+        device=device,
+        started=started,
         settings={"familiar": familiar_name, "affine": affine_name, "max_examples": max_examples},
         models=describe_models(models, model_names),
         results=results,

@@ -10,6 +10,7 @@ how well one fitted linear map predicts the features of the transformed inputs
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def equivariance_experiment(
     check_models(models)
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     transforms = [("translation", float(t)) for t in translations] + [
         ("rotation", float(a)) for a in rotations
     ]
@@ -138,6 +140,8 @@ def equivariance_experiment(
     record = make_record(
         "equivariance",
         "Equivariance probe",
+        device=device,
+        started=started,
         settings={
             "translations": list(translations),
             "rotations": list(rotations),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ def generalization_protocol(
         raise ValueError("configs must hold at least one {label: RunConfig}")
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     novel_name, novel_split, novel_kwargs = novel
     first = next(iter(configs.values()))
     root, download = first.data_root, first.download  # the novel set is read before training
@@ -200,6 +202,8 @@ def generalization_protocol(
     record = make_record(
         experiment,
         title,
+        device=device,
+        started=started,
         settings={
             "familiar": list(familiar),
             "novel": list(novel),

@@ -8,6 +8,7 @@ skew, width, ... in [S17] Fig. 4).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def reconstruction_experiment(
         )
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     model.to(device).eval()
     images, labels = next(eval_batches(dataset, batch_size=max(num_examples, 200), device=device))
     x = model_input(dataset, images)
@@ -126,6 +128,8 @@ def reconstruction_experiment(
     record = make_record(
         "reconstruction",
         "Reconstructions and pose perturbations",
+        device=device,
+        started=started,
         settings={"num_examples": n, "num_perturbed": num_perturbed, "deltas": deltas},
         models=describe_models({label: model}, None),
         results=results,

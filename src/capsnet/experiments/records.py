@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from capsnet.io import atomic_write
+from capsnet.provenance import environment
 
 __all__ = ["make_record", "write_json"]
 
@@ -60,13 +62,18 @@ def make_record(
     figures: Sequence[str | os.PathLike],
     summary: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
+    device: Any = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """The JSON record every experiment writes (and :mod:`capsnet.report` reads).
 
     Keys: ``experiment`` (id), ``title``, ``created`` (UTC ISO time), ``command`` (the
     command line), ``settings``, ``models`` (label -> description), ``results`` (the
     experiment's numbers), ``summary`` (table rows for the report), ``figures`` (PNG file
-    names next to the JSON) and ``notes`` (caveats in words).
+    names next to the JSON), ``notes`` (caveats in words) and ``environment`` (git commit,
+    capsnet / torch versions, device, CPU / GPU model, threads, load average and, given
+    ``started`` = :func:`time.perf_counter` at the start, the wall time:
+    :func:`capsnet.provenance.environment`).
     """
     from capsnet import __version__
 
@@ -83,6 +90,10 @@ def make_record(
             "summary": list(summary),
             "figures": [Path(f).name for f in figures],
             "notes": list(notes),
+            "environment": environment(
+                device,
+                wall_seconds=None if started is None else round(time.perf_counter() - started, 2),
+            ),
         }
     )
 

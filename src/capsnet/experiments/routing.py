@@ -11,6 +11,7 @@ capsules that never activate.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ def routing_experiment(
     """
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     model.to(device).eval()
     names = class_names(dataset)
     layer_acts: dict[str, list[Tensor]] = {}
@@ -195,6 +197,8 @@ def routing_experiment(
     record = make_record(
         "routing",
         "Routing diagnostics",
+        device=device,
+        started=started,
         settings={
             "routing": kind,
             "num_examples": num_examples,

@@ -8,6 +8,7 @@ small, without retraining; [S17] §5.2 and [H18] §5.2 test it on affNIST and sm
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def transform_sweep(
     image_transform(kind, 0.0)
     out_dir = Path(out_dir)
     device = resolve_device(device)
+    started = time.perf_counter()
     accuracy: dict[str, list[float]] = {}
     for label, model in models.items():
         model.to(device)
@@ -94,6 +96,8 @@ def transform_sweep(
     record = make_record(
         name,
         f"{kind.capitalize()} sweep",
+        device=device,
+        started=started,
         settings={
             "kind": kind,
             "values": list(values),
