@@ -64,7 +64,7 @@ def attack_experiment(
             from ``model_names`` (``capsnet.models.model_info(name).loss``).
         model_names: ``{label: registry name}``, needed for ``losses="model"``.
         steps, step_size_fraction: BIM iterations and step size (fraction of epsilon).
-        max_examples: the first this many test examples (None: all).
+        max_examples: a seeded random subset of this many test examples (None: all).
         batch_size: examples per batch.
         seed: seeds the targets of targeted attacks (same for every model).
         device: where to run.

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from capsnet import probes
 from capsnet.data.dataset import to_float
+from capsnet.stats import seeded_subset
 
 __all__ = ["Progress", "preprocess_of", "class_names", "eval_batches", "evaluate_accuracy"]
 
@@ -51,15 +52,18 @@ def eval_batches(
     max_examples: int | None = None,
     indices: Tensor | Sequence[int] | None = None,
     device: torch.device | str = "cpu",
+    subset_seed: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Stored images as float in [0, 1] with their labels, in order, without augmentation.
+    """Stored images as float in [0, 1] with their labels, without augmentation.
 
     Args:
         dataset: an ``ImageDataset``-like object.
         batch_size: examples per batch.
-        max_examples: stop after the first this many (of ``indices``).
+        max_examples: evaluate a seeded random subset of this many (of ``indices``), in
+            index order (:func:`capsnet.stats.seeded_subset`); None: all of them.
         indices: which examples (default all).
         device: where the batches go.
+        subset_seed: the seed of that subset (the same seed gives the same images).
 
     Yields:
         ``(images (B, C, H, W) float32 in [0, 1], labels (B,) int64)``.
@@ -67,7 +71,7 @@ def eval_batches(
     check_dataset(dataset)
     idx = torch.arange(len(dataset.labels)) if indices is None else torch.as_tensor(indices)
     if max_examples is not None:
-        idx = idx[: int(max_examples)]
+        idx = idx[torch.from_numpy(seeded_subset(len(idx), int(max_examples), subset_seed))]
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
         images = dataset.images[chunk]
