@@ -35,6 +35,25 @@ def test_equivariance_probe_identity_for_invariant_features():
     assert out["linear_residual"] < 1e-3  # the ridge shrinks the map a little
 
 
+def test_equivariance_probe_pca_cv_ridge_and_interval():
+    g = torch.Generator().manual_seed(2)
+    # 64 features that live in a 4-dimensional subspace, moved by a linear map, plus noise
+    z = torch.randn(600, 4, generator=g, dtype=torch.float64)
+    lift = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    p = z @ lift
+    q = (z @ rot) @ lift + 0.05 * torch.randn(600, 64, generator=g, dtype=torch.float64)
+    out = probes.equivariance_residual(p, q, dim=4)
+    assert out["feature_dim"] == 4 and out["original_dim"] == 64
+    assert out["linear_residual"] < 0.02  # the subspace holds the whole map
+    assert out["linear_residual_low"] <= out["linear_residual"] <= out["linear_residual_high"]
+    assert out["ridge"] in probes.RIDGE_GRID
+    # pure noise targets: cross-validation picks a strong ridge, the residual stays near 1
+    noise = torch.randn(600, 64, generator=g, dtype=torch.float64)
+    cv = probes.equivariance_residual(p, noise, dim=4)
+    assert cv["linear_residual"] > 0.9 and cv["ridge"] >= 1e-2
+
+
 def test_equivariance_probe_bad_shapes():
     with pytest.raises(ValueError, match=r"\(N, F\)"):
         probes.equivariance_residual(torch.zeros(10, 3), torch.zeros(10, 4))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,12 +273,54 @@ def fit_linear_map(
     return a, b
 
 
+RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def pca_basis(features: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean and the top ``dim`` principal directions of ``features (N, F)``: ``(F,), (F, dim)``."""
+    x = features.double()
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    if dim > vh.shape[0]:
+        raise ValueError(f"dim ({dim}) exceeds the features' rank bound ({vh.shape[0]})")
+    return mean, vh[:dim].T
+
+
+def _residual(p: Tensor, q: Tensor, a: Tensor, b: Tensor, q_mean: Tensor) -> Tensor:
+    """Per-example squared errors of the map and of the mean: ``(N,), (N,)`` stacked."""
+    return torch.stack([(q - (p @ a + b)).pow(2).sum(1), (q - q_mean).pow(2).sum(1)])
+
+
+def _cv_ridge(p: Tensor, q: Tensor, grid: Sequence[float], folds: int, seed: int) -> float:
+    """The ridge (relative to the mean squared feature) with the least k-fold CV error."""
+    n = p.shape[0]
+    folds = max(2, min(folds, n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    parts = order.chunk(folds)
+    folds = len(parts)  # chunk may give fewer parts than asked for
+    best, best_err = float(grid[0]), math.inf
+    for rel in grid:
+        err = 0.0
+        for k in range(folds):
+            held = parts[k]
+            keep = torch.cat([parts[j] for j in range(folds) if j != k])
+            scale = float(p[keep].pow(2).mean()) * len(keep)
+            a, b = fit_linear_map(p[keep], q[keep], ridge=rel * scale)
+            err += float((q[held] - (p[held] @ a + b)).pow(2).sum())
+        if err < best_err:
+            best, best_err = float(rel), err
+    return best
+
+
 def equivariance_residual(
     features: Tensor,
     transformed: Tensor,
     *,
     fit_fraction: float = 0.5,
-    ridge: float = 1e-3,
+    ridge: float | None = None,
+    dim: int | None = None,
+    folds: int = 5,
+    resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
     """How well one linear map predicts features of transformed inputs from the originals.
@@ -288,18 +330,24 @@ def equivariance_residual(
 
     * ``linear_residual``: ``|Q - (P A + b)|^2 / |Q - mean(Q)|^2`` (1 - R^2): 0 means the
       features move exactly linearly with the transform (equivariance, invariance included);
-      1 means the map explains nothing beyond the mean;
-    * ``identity_residual``: the same with ``A = I, b = 0`` (features equal dims only): 0
-      means the features did not move (invariance);
+      1 means the map explains nothing beyond the mean; with a 95 % bootstrap interval
+      over the held-out examples (``linear_residual_low`` / ``_high``);
+    * ``identity_residual``: the same with ``A = I, b = 0``: 0 means the features did not
+      move (invariance);
     * ``relative_change``: ``|Q - P| / |P|``, how much the features moved at all.
 
     Args:
         features: ``P = f(x)``.
         transformed: ``Q = f(Tx)`` for the same examples in the same order.
         fit_fraction: share of the examples used to fit the map.
-        ridge: ridge penalty, relative to the mean squared feature (keeps the fit defined
-            when the fit split is small next to the feature size).
-        seed: seeds the split.
+        ridge: ridge penalty relative to the mean squared feature; None chooses it from
+            :data:`RIDGE_GRID` by ``folds``-fold cross-validation on the fit part.
+        dim: project ``P`` and ``Q`` onto the top ``dim`` principal components of the fit
+            part's ``P`` first (the same projection for both), so that models with
+            different feature sizes are compared at equal dimension; None keeps all.
+        folds: cross-validation folds for the ridge.
+        resamples: bootstrap resamples of the held-out examples.
+        seed: seeds the split, the folds and the bootstrap.
 
     Shape:
         - features, transformed: ``(N, F)``.
@@ -315,17 +363,31 @@ def equivariance_residual(
         raise ValueError(f"need at least 2 fit and 1 held-out example, got N={n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     p, q = features.double()[perm], transformed.double()[perm]
+    if dim is not None and dim < p.shape[1]:
+        # at most as many directions as the fit part spans (feature_dim reports the size)
+        mean, basis = pca_basis(p[:n_fit], min(dim, n_fit))
+        p, q = (p - mean) @ basis, (q - mean) @ basis
+    rel = _cv_ridge(p[:n_fit], q[:n_fit], RIDGE_GRID, folds, seed) if ridge is None else ridge
     scale = float(p[:n_fit].pow(2).mean()) * n_fit
-    a, b = fit_linear_map(p[:n_fit], q[:n_fit], ridge=ridge * scale)
+    a, b = fit_linear_map(p[:n_fit], q[:n_fit], ridge=rel * scale)
     p_test, q_test = p[n_fit:], q[n_fit:]
-    spread = float((q_test - q[:n_fit].mean(0)).pow(2).sum()) or math.inf
+    errors = _residual(p_test, q_test, a, b, q[:n_fit].mean(0))  # (2, N_test)
+    spread = float(errors[1].sum()) or math.inf
+    g = torch.Generator().manual_seed(seed + 2)
+    idx = torch.randint(0, errors.shape[1], (resamples, errors.shape[1]), generator=g)
+    boot = errors[0][idx].sum(1) / errors[1][idx].sum(1).clamp_min(1e-300)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
     return {
-        "linear_residual": float((q_test - (p_test @ a + b)).pow(2).sum()) / spread,
+        "linear_residual": float(errors[0].sum()) / spread,
+        "linear_residual_low": float(low),
+        "linear_residual_high": float(high),
         "identity_residual": float((q_test - p_test).pow(2).sum()) / spread,
         "relative_change": float((q_test - p_test).norm() / p_test.norm().clamp_min(1e-12)),
+        "ridge": rel,
         "num_fit": n_fit,
         "num_test": n - n_fit,
-        "feature_dim": int(features.shape[1]),
+        "feature_dim": int(p.shape[1]),
+        "original_dim": int(features.shape[1]),
     }
 
 

@@ -35,6 +35,9 @@ from capsnet.experiments.records import finish_record, make_record
 __all__ = ["equivariance_experiment"]
 
 
+_CAPSULE_FEATURES = ("class_poses", "true_class_pose")
+
+
 def _features(model: nn.Module, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
     poses = model(x).poses
     if poses.ndim == 3:  # capsules: (B, O, D)
@@ -51,9 +54,10 @@ def equivariance_experiment(
     *,
     translations: Sequence[float] = (1, 2, 3, 4),
     rotations: Sequence[float] = (5, 10, 20, 30),
-    max_examples: int = 2000,
+    max_examples: int = 5000,
     fit_fraction: float = 0.5,
-    ridge: float = 1e-3,
+    ridge: float | None = None,
+    resamples: int = 1000,
     batch_size: int = 250,
     model_names: Mapping[str, str] | None = None,
     device: torch.device | str = "cpu",
@@ -69,8 +73,11 @@ def equivariance_experiment(
     on all class-capsule poses (``class_poses``, O*D values) and on the true class's
     capsule alone (``true_class_pose``, D values); CNNs on their penultimate features.
 
-    Note: a bigger feature vector gives the fitted map more freedom; compare models at
-    similar sizes or look at the gap to the identity residual too.
+    A bigger feature vector gives the fitted map more freedom, so features larger than a
+    capsule pose are also probed after PCA to each capsule pose size (``penultimate_pca16``,
+    ``penultimate_pca160``): compare models at equal ``dim``. The ridge is chosen by 5-fold
+    cross-validation on the fit half (``ridge=None``; a number fixes it), and every
+    residual carries a 95 % bootstrap interval over the held-out examples.
     """
     check_models(models)
     out_dir = Path(out_dir)
@@ -79,7 +86,7 @@ def equivariance_experiment(
     transforms = [("translation", float(t)) for t in translations] + [
         ("rotation", float(a)) for a in rotations
     ]
-    results: dict[str, dict[str, Any]] = {}
+    collected: dict[str, tuple[dict[str, Tensor], dict[tuple[str, float], dict[str, Tensor]]]] = {}
     for label, model in models.items():
         model.to(device).eval()
         feats: dict[str, list[Tensor]] = {}
@@ -96,15 +103,36 @@ def equivariance_experiment(
             for t in transforms:
                 for k, v in _features(model, image_transform(*t)(x), labels).items():
                     moved[t].setdefault(k, []).append(v.cpu())
+        collected[label] = (
+            {k: torch.cat(v) for k, v in feats.items()},
+            {t: {k: torch.cat(v) for k, v in m.items()} for t, m in moved.items()},
+        )
+    # Equal dimension: other features are also probed in the PCA subspaces of the capsule
+    # pose sizes (D for one class capsule, O*D for all), so no model wins by having more
+    # coordinates for the fitted map to use.
+    pose_dims = sorted(
+        {
+            f.shape[1]
+            for feats_, _ in collected.values()
+            for k, f in feats_.items()
+            if k in _CAPSULE_FEATURES
+        }
+    )
+    options: dict[str, Any] = {"fit_fraction": fit_fraction, "ridge": ridge, "resamples": resamples}
+    results: dict[str, dict[str, Any]] = {}
+    for label, (feats_, moved_) in collected.items():
         per_feature: dict[str, Any] = {}
-        for k, chunks in feats.items():
-            p = torch.cat(chunks)
-            per_feature[k] = {
-                f"{kind} {value:g}": probes.equivariance_residual(
-                    p, torch.cat(moved[(kind, value)][k]), fit_fraction=fit_fraction, ridge=ridge
-                )
-                for kind, value in transforms
-            }
+        for k, p in feats_.items():
+            variants: list[tuple[str, int | None]] = [(k, None)]
+            if k not in _CAPSULE_FEATURES:
+                variants += [(f"{k}_pca{d}", d) for d in pose_dims if d < p.shape[1]]
+            for name, dim in variants:
+                per_feature[name] = {
+                    f"{kind} {value:g}": probes.equivariance_residual(
+                        p, moved_[(kind, value)][k], dim=dim, **options
+                    )
+                    for kind, value in transforms
+                }
         results[label] = per_feature
     figures = []
     for kind, values in (("translation", translations), ("rotation", rotations)):
@@ -134,8 +162,19 @@ def equivariance_experiment(
     for label, per_feature in results.items():
         for k, table in per_feature.items():
             first = next(iter(table.values()))
-            row = {"model": label, "features": k, "dim": first["feature_dim"]}
-            row.update({t: v["linear_residual"] for t, v in table.items()})
+            row = {
+                "model": label,
+                "features": k,
+                "dim": first["feature_dim"],
+                "test images": first["num_test"],
+            }
+            row.update(
+                {
+                    t: f"{v['linear_residual']:.3g} [{v['linear_residual_low']:.3g}, "
+                    f"{v['linear_residual_high']:.3g}]"
+                    for t, v in table.items()
+                }
+            )
             summary.append(row)
     record = make_record(
         "equivariance",
@@ -147,7 +186,8 @@ def equivariance_experiment(
             "rotations": list(rotations),
             "max_examples": max_examples,
             "fit_fraction": fit_fraction,
-            "ridge": ridge,
+            "ridge": "cross-validated" if ridge is None else ridge,
+            "resamples": resamples,
         },
         models=describe_models(models, model_names),
         results=results,
@@ -158,7 +198,10 @@ def equivariance_experiment(
             "linear map fitted on the other half of the examples (0 = exactly linear).",
             "identity_residual (dotted in the plots) is the same with A = I, b = 0: small "
             "means the features barely move (invariance), which a linear map also explains.",
-            "A larger feature vector gives the fitted map more freedom; see `dim`.",
+            "A larger feature vector gives the fitted map more freedom: compare rows of equal "
+            "`dim` (CNN features are also reduced by PCA to each capsule pose size).",
+            "Brackets: 95 % bootstrap interval over the held-out examples; the ridge is "
+            "chosen by 5-fold cross-validation on the fit half.",
         ],
     )
     return finish_record(out_dir, record)
