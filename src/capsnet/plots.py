@@ -414,6 +414,7 @@ def plot_bars(
     title: str = "",
     ylim: tuple[float, float] | None = None,
     fmt: str = "{:.3f}",
+    intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
 ) -> Path:
     """Grouped bar chart: ``{group: {series: value}}`` (e.g. {familiar: {capsules: .04}}).
 
@@ -423,6 +424,8 @@ def plot_bars(
         ylabel, title: labels.
         ylim: y-axis limits.
         fmt: format of the value printed on each bar.
+        intervals: ``{group: {series: (low, high)}}`` drawn as error bars (e.g. 95 %
+            confidence intervals).
     """
     groups = list(values)
     series: list[str] = []
@@ -435,7 +438,16 @@ def plot_bars(
     x = np.arange(len(groups))
     for k, s in enumerate(series):
         ys = [values[g].get(s, np.nan) for g in groups]
-        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, ys, width, label=s)
+        yerr = None
+        if intervals is not None:
+            lows = [intervals.get(g, {}).get(s, (v, v))[0] for g, v in zip(groups, ys, strict=True)]
+            highs = [
+                intervals.get(g, {}).get(s, (v, v))[1] for g, v in zip(groups, ys, strict=True)
+            ]
+            yerr = np.abs(np.array([np.subtract(ys, lows), np.subtract(highs, ys)]))
+        bars = ax.bar(
+            x + (k - (len(series) - 1) / 2) * width, ys, width, label=s, yerr=yerr, capsize=3
+        )
         ax.bar_label(bars, labels=["" if np.isnan(v) else fmt.format(v) for v in ys], fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels(groups, fontsize=8)

@@ -40,6 +40,7 @@ __all__ = [
     "dead_capsule_fraction",
     "fit_linear_map",
     "equivariance_residual",
+    "linear_map_residual",
     "affine_images",
 ]
 
@@ -312,42 +313,103 @@ def _cv_ridge(p: Tensor, q: Tensor, grid: Sequence[float], folds: int, seed: int
     return best
 
 
-def equivariance_residual(
-    features: Tensor,
-    transformed: Tensor,
+def linear_map_residual(
+    fit_inputs: Tensor,
+    fit_targets: Tensor,
+    test_inputs: Tensor,
+    test_targets: Tensor,
     *,
-    fit_fraction: float = 0.5,
     ridge: float | None = None,
     dim: int | None = None,
     folds: int = 5,
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
-    """How well one linear map predicts features of transformed inputs from the originals.
+    """Fit ``Q ≈ P A + b`` on one set of pairs, report how well it predicts another.
 
-    Splits the examples into a fit part and a held-out part; fits ``Q ≈ P A + b`` on the
-    first (:func:`fit_linear_map`) and reports on the second
-
-    * ``linear_residual``: ``|Q - (P A + b)|^2 / |Q - mean(Q)|^2`` (1 - R^2): 0 means the
-      features move exactly linearly with the transform (equivariance, invariance included);
-      1 means the map explains nothing beyond the mean; with a 95 % bootstrap interval
-      over the held-out examples (``linear_residual_low`` / ``_high``);
+    * ``linear_residual``: ``|Q - (P A + b)|^2 / |Q - mean(Q)|^2`` on the test pairs
+      (1 - R^2, the mean taken on the fit pairs): 0 means the map predicts exactly, 1 that
+      it explains nothing beyond the mean; with a 95 % bootstrap interval over the test
+      pairs (``linear_residual_low`` / ``_high``);
     * ``identity_residual``: the same with ``A = I, b = 0``: 0 means the features did not
       move (invariance);
     * ``relative_change``: ``|Q - P| / |P|``, how much the features moved at all.
 
     Args:
-        features: ``P = f(x)``.
-        transformed: ``Q = f(Tx)`` for the same examples in the same order.
-        fit_fraction: share of the examples used to fit the map.
+        fit_inputs, fit_targets: ``P`` and ``Q`` of the pairs the map is fitted on.
+        test_inputs, test_targets: held-out pairs.
         ridge: ridge penalty relative to the mean squared feature; None chooses it from
-            :data:`RIDGE_GRID` by ``folds``-fold cross-validation on the fit part.
+            :data:`RIDGE_GRID` by ``folds``-fold cross-validation on the fit pairs.
         dim: project ``P`` and ``Q`` onto the top ``dim`` principal components of the fit
-            part's ``P`` first (the same projection for both), so that models with
+            pairs' ``P`` first (the same projection for both), so that models with
             different feature sizes are compared at equal dimension; None keeps all.
         folds: cross-validation folds for the ridge.
-        resamples: bootstrap resamples of the held-out examples.
-        seed: seeds the split, the folds and the bootstrap.
+        resamples: bootstrap resamples of the test pairs.
+        seed: seeds the folds and the bootstrap.
+
+    Shape:
+        - fit_inputs, fit_targets: ``(N_fit, F)``; test_inputs, test_targets: ``(N_test, F)``.
+    """
+    pairs = ((fit_inputs, fit_targets), (test_inputs, test_targets))
+    if any(x.ndim != 2 or x.shape != y.shape for x, y in pairs) or (
+        fit_inputs.shape[1] != test_inputs.shape[1]
+    ):
+        raise ValueError(
+            "inputs and targets must be (N, F) pairs of equal shape and feature size, got "
+            f"{[tuple(t.shape) for pair in pairs for t in pair]}"
+        )
+    n_fit = fit_inputs.shape[0]
+    if n_fit < 2 or test_inputs.shape[0] < 1:
+        raise ValueError(
+            f"need at least 2 fit and 1 held-out example, got {n_fit} and {test_inputs.shape[0]}"
+        )
+    p, q = fit_inputs.double(), fit_targets.double()
+    p_test, q_test = test_inputs.double(), test_targets.double()
+    if dim is not None and dim < p.shape[1]:
+        # at most as many directions as the fit pairs span (feature_dim reports the size)
+        mean, basis = pca_basis(p, min(dim, n_fit))
+        p, q = (p - mean) @ basis, (q - mean) @ basis
+        p_test, q_test = (p_test - mean) @ basis, (q_test - mean) @ basis
+    rel = _cv_ridge(p, q, RIDGE_GRID, folds, seed) if ridge is None else ridge
+    scale = float(p.pow(2).mean()) * n_fit
+    a, b = fit_linear_map(p, q, ridge=rel * scale)
+    errors = _residual(p_test, q_test, a, b, q.mean(0))  # (2, N_test)
+    spread = float(errors[1].sum()) or math.inf
+    g = torch.Generator().manual_seed(seed + 2)
+    idx = torch.randint(0, errors.shape[1], (resamples, errors.shape[1]), generator=g)
+    boot = errors[0][idx].sum(1) / errors[1][idx].sum(1).clamp_min(1e-300)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
+    return {
+        "linear_residual": float(errors[0].sum()) / spread,
+        "linear_residual_low": float(low),
+        "linear_residual_high": float(high),
+        "identity_residual": float((q_test - p_test).pow(2).sum()) / spread,
+        "relative_change": float((q_test - p_test).norm() / p_test.norm().clamp_min(1e-12)),
+        "ridge": rel,
+        "num_fit": n_fit,
+        "num_test": int(test_inputs.shape[0]),
+        "feature_dim": int(p.shape[1]),
+        "original_dim": int(fit_inputs.shape[1]),
+    }
+
+
+def equivariance_residual(
+    features: Tensor,
+    transformed: Tensor,
+    *,
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, float]:
+    """How well one linear map predicts features of transformed inputs from the originals.
+
+    The examples are split at random (``seed``) into a fit part (``fit_fraction``) and a
+    held-out part, and :func:`linear_map_residual` fits on the first and reports on the
+    second; ``options``: its ``ridge``, ``dim``, ``folds``, ``resamples``.
+
+    Args:
+        features: ``P = f(x)``.
+        transformed: ``Q = f(Tx)`` for the same examples in the same order.
 
     Shape:
         - features, transformed: ``(N, F)``.
@@ -362,33 +424,10 @@ def equivariance_residual(
     if n_fit < 2 or n - n_fit < 1:
         raise ValueError(f"need at least 2 fit and 1 held-out example, got N={n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    p, q = features.double()[perm], transformed.double()[perm]
-    if dim is not None and dim < p.shape[1]:
-        # at most as many directions as the fit part spans (feature_dim reports the size)
-        mean, basis = pca_basis(p[:n_fit], min(dim, n_fit))
-        p, q = (p - mean) @ basis, (q - mean) @ basis
-    rel = _cv_ridge(p[:n_fit], q[:n_fit], RIDGE_GRID, folds, seed) if ridge is None else ridge
-    scale = float(p[:n_fit].pow(2).mean()) * n_fit
-    a, b = fit_linear_map(p[:n_fit], q[:n_fit], ridge=rel * scale)
-    p_test, q_test = p[n_fit:], q[n_fit:]
-    errors = _residual(p_test, q_test, a, b, q[:n_fit].mean(0))  # (2, N_test)
-    spread = float(errors[1].sum()) or math.inf
-    g = torch.Generator().manual_seed(seed + 2)
-    idx = torch.randint(0, errors.shape[1], (resamples, errors.shape[1]), generator=g)
-    boot = errors[0][idx].sum(1) / errors[1][idx].sum(1).clamp_min(1e-300)
-    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
-    return {
-        "linear_residual": float(errors[0].sum()) / spread,
-        "linear_residual_low": float(low),
-        "linear_residual_high": float(high),
-        "identity_residual": float((q_test - p_test).pow(2).sum()) / spread,
-        "relative_change": float((q_test - p_test).norm() / p_test.norm().clamp_min(1e-12)),
-        "ridge": rel,
-        "num_fit": n_fit,
-        "num_test": n - n_fit,
-        "feature_dim": int(p.shape[1]),
-        "original_dim": int(features.shape[1]),
-    }
+    fit, test = perm[:n_fit], perm[n_fit:]
+    return linear_map_residual(
+        features[fit], transformed[fit], features[test], transformed[test], seed=seed, **options
+    )
 
 
 # --------------------------------------------------------------------------- transforms

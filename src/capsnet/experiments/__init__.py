@@ -53,8 +53,14 @@ from capsnet.experiments.routing import routing_experiment
 from capsnet.experiments.sweeps import transform_sweep
 from capsnet.experiments.viewpoint import PAPER_VIEWPOINTS as PAPER_VIEWPOINTS
 from capsnet.experiments.viewpoint import viewpoint_experiment
+from capsnet.experiments.viewpoint_equivariance import (
+    azimuth_pairs,
+    viewpoint_equivariance_experiment,
+)
 
 __all__ = [
+    "azimuth_pairs",
+    "viewpoint_equivariance_experiment",
     "make_record",
     "write_json",
     "eval_batches",

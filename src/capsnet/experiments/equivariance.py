@@ -35,10 +35,10 @@ from capsnet.experiments.records import finish_record, make_record
 __all__ = ["equivariance_experiment"]
 
 
-_CAPSULE_FEATURES = ("class_poses", "true_class_pose")
+CAPSULE_FEATURES = ("class_poses", "true_class_pose")
 
 
-def _features(model: nn.Module, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+def features_of(model: nn.Module, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
     poses = model(x).poses
     if poses.ndim == 3:  # capsules: (B, O, D)
         true = poses[torch.arange(len(labels)), labels]
@@ -98,10 +98,10 @@ def equivariance_experiment(
             progress, batches, desc=f"{label} equivariance", leave=False
         ):
             x = model_input(dataset, images)
-            for k, v in _features(model, x, labels).items():
+            for k, v in features_of(model, x, labels).items():
                 feats.setdefault(k, []).append(v.cpu())
             for t in transforms:
-                for k, v in _features(model, image_transform(*t)(x), labels).items():
+                for k, v in features_of(model, image_transform(*t)(x), labels).items():
                     moved[t].setdefault(k, []).append(v.cpu())
         collected[label] = (
             {k: torch.cat(v) for k, v in feats.items()},
@@ -115,7 +115,7 @@ def equivariance_experiment(
             f.shape[1]
             for feats_, _ in collected.values()
             for k, f in feats_.items()
-            if k in _CAPSULE_FEATURES
+            if k in CAPSULE_FEATURES
         }
     )
     options: dict[str, Any] = {"fit_fraction": fit_fraction, "ridge": ridge, "resamples": resamples}
@@ -124,7 +124,7 @@ def equivariance_experiment(
         per_feature: dict[str, Any] = {}
         for k, p in feats_.items():
             variants: list[tuple[str, int | None]] = [(k, None)]
-            if k not in _CAPSULE_FEATURES:
+            if k not in CAPSULE_FEATURES:
                 variants += [(f"{k}_pca{d}", d) for d in pose_dims if d < p.shape[1]]
             for name, dim in variants:
                 per_feature[name] = {
