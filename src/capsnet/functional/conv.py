@@ -114,7 +114,7 @@ def conv_matrix_capsules(
     pass recomputes them. The vote tensor (``K*K*T*O*16`` numbers per parent position) is
     by far the largest tensor of a matrix-capsule network; not keeping it makes training
     faster and several times leaner (benchmarks/RESULTS.md). The results agree with the
-    two-step form to float rounding (tests/test_functional.py).
+    two-step form to float rounding (tests/functional/test_functional_conv.py).
 
     Args:
         poses, activations: the child capsule grid.
