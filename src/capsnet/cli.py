@@ -277,7 +277,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _prediction_line(result: dict[str, Any]) -> str:
-    top = "  ".join(f"{p['class']} {p['score']:.3f}" for p in result["top"])
+    top = "  ".join(f"{p['class']} {p['score']:.4g}" for p in result["top"])
     return f"{result['file']}: {top}"
 
 
