@@ -160,8 +160,8 @@ def test_predict_errors_are_one_line(tiny_run, tmp_path, capsys):
 
 
 def test_predict_rejects_a_grayscale_image_for_an_rgb_model(tiny_run, pngs):
-    from capsnet.predict import Preprocessing, load_images
     from capsnet.data.transforms import Identity
+    from capsnet.predict import Preprocessing, load_images
 
     prep = Preprocessing(3, (28, 28), Identity(), ["x"], "model")
     with pytest.raises(ValueError, match="grayscale image, but the run's model takes 3"):
@@ -176,8 +176,8 @@ def test_class_names_and_preprocessing_from_checkpoint_metadata(tiny_run, pngs, 
     trainer should store), predict needs neither the dataset nor evaluation.json."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from capsnet.data import from_arrays
     from capsnet.predict import predict_files, preprocessing_metadata

@@ -123,7 +123,7 @@ class CapsnetParser(argparse.ArgumentParser):
         ns, extras = super().parse_known_args(args, namespace)
         # The innermost (sub)command parsed sets it first; its values are copied upwards.
         if not hasattr(ns, "_capsnet_parser"):
-            setattr(ns, "_capsnet_parser", self)
+            ns._capsnet_parser = self
         return ns, extras
 
     def parse_args(  # type: ignore[override]

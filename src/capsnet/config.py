@@ -217,9 +217,7 @@ def parse_bool(key: str, value: Any) -> bool:
             return True
         if text in _FALSE:
             return False
-    raise ValueError(
-        f"{key} must be a boolean (true/false, yes/no, 1/0), got {value!r}"
-    )
+    raise ValueError(f"{key} must be a boolean (true/false, yes/no, 1/0), got {value!r}")
 
 
 def _is_bool_hint(hint: Any) -> bool:

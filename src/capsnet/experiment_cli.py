@@ -229,7 +229,10 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     q.add_argument("--num-examples", type=int, default=3, help="inputs drawn in detail")
     q.add_argument("--max-examples", type=int, default=500, help="inputs in the statistics")
     q.add_argument(
-        "--dead-threshold", type=float, default=0.01, help="activation below which a capsule is dead"
+        "--dead-threshold",
+        type=float,
+        default=0.01,
+        help="a capsule is dead below this activation",
     )
     q.set_defaults(handler=_routing)
     q = sub.add_parser("equivariance", help="linear-map residual of poses under transforms")

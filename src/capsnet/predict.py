@@ -171,9 +171,7 @@ def resolve_preprocessing(run: Any, *, data_root: str | os.PathLike | None = Non
         )
     size = _pair(kwargs.get("input_size")) or (28, 28)
     channels = int(kwargs.get("in_channels") or 1)
-    return Preprocessing(
-        channels, size, Identity(), _fallback_classes(run, num_classes), "model"
-    )
+    return Preprocessing(channels, size, Identity(), _fallback_classes(run, num_classes), "model")
 
 
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:

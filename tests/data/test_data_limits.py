@@ -8,11 +8,11 @@ import tracemalloc
 import zlib
 
 import pytest
+from data_writers import write_cifar
 
 from capsnet import data
 from capsnet.data import cifar as cifar_module
 from capsnet.data.sources import CorruptFileError, read_file_bytes
-from data_writers import write_cifar
 
 _BOMB_MB = 128
 

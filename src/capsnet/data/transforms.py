@@ -16,9 +16,8 @@ which is how a dataset reports the ``image_size`` the model sees.
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
