@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 
@@ -236,3 +237,31 @@ def test_capsnet_command_has_the_experiment_subcommands(tmp_path, capsys):
             cli.main(argv)
         assert exit_info.value.code == 0
         assert "--num-threads" in capsys.readouterr().out
+
+
+def test_hostile_record_fields_are_escaped(tmp_path):
+    """Every record field inserted into the page is HTML-escaped: no script runs, no
+    attribute is broken out of, and figure names cannot reach outside the record folder."""
+    run = fake_run(tmp_path)
+    folder = run / "experiments" / "attack"
+    folder.mkdir(parents=True)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\nSECRET-BYTES")
+    record = experiments.make_record(
+        "attack", 'Robust "quoted" <b>title</b>', settings={"<script>k": "<script>v"},
+        models={"<script>m": {"class": "<script>c", "run_dir": "<script>r"}},
+        results={}, figures=["x<script>.png", "../../../secret.png"],
+        summary=[{"<script>col": "<script>alert(2)</script>", "n": 1}],
+        notes=["<script>alert(3)</script>"],
+    )  # fmt: skip
+    record["created"] = "<script>alert(1)</script>"
+    record["command"] = "capsnet <script>"
+    record["figures"] = ["x<script>.png", "../../../secret.png"]
+    experiments.write_json(folder / "a<b.json", record)
+    page = report.build_report(run).read_text()
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "Robust &quot;quoted&quot; &lt;b&gt;title&lt;/b&gt;" in page
+    assert "a&lt;b.json" in page
+    assert base64.b64encode(secret.read_bytes()).decode() not in page
+    assert "../../../secret.png skipped" in page

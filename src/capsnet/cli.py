@@ -11,6 +11,8 @@
     capsnet experiment attack runs/quickstart         # FGSM / BIM sweeps (capsnet.experiment_cli)
     capsnet experiment routing runs/quickstart        # the papers' experiments
     capsnet report runs/quickstart                    # one HTML page with everything
+    capsnet predict runs/quickstart digit.png         # classify image files
+    capsnet --version
 
 ``capsnet train`` flags are the fields of :class:`capsnet.config.RunConfig` (``--lr``,
 ``--batch-size``, ...); given flags override the recipe, the recipe overrides the defaults.
@@ -32,7 +34,14 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from capsnet._cli_common import USER_ERRORS, fail, key_value
+from capsnet._cli_common import (
+    USER_ERRORS,
+    CapsnetParser,
+    VersionAction,
+    fail,
+    key_value,
+    thread_count,
+)
 from capsnet.config import CHOICES, RunConfig, load_recipe
 
 __all__ = ["main", "build_parser"]
@@ -61,17 +70,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         if base[0] is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "num_threads":
+            group.add_argument(flag, type=thread_count, metavar="N", **kw)
+        elif "choices" in kw:
+            group.add_argument(flag, type=base[0], **kw)
         else:
             group.add_argument(flag, type=base[0], metavar=f.name.upper(), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CapsnetParser(
         prog="capsnet",
         description="Capsule networks: train, evaluate, run experiments (attacks included), "
-        "report. Output flags: --output-dir DIR for commands that write a folder, --output "
-        "FILE for those that write one file.",
+        "report, predict. Output flags: --output-dir DIR for commands that write a folder, "
+        "--output FILE for those that write one file.",
     )
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -85,21 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run directory or .safetensors checkpoint")
     p.add_argument("checkpoint", help="run directory or .safetensors file")
-    p.add_argument("--which", choices=("best", "last"), default="best")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
     p.add_argument("--split", help="dataset split (default: the run's eval_split)")
-    p.add_argument("--dataset", help="evaluate on another dataset (same classes)")
-    p.add_argument("--data-root")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
-    p.add_argument("--limit-batches", type=int)
+    p.add_argument("--dataset", help="evaluate on another dataset with the same classes")
+    p.add_argument("--data-root", help="data folder (default: the run's)")
+    p.add_argument("--download", action="store_true", help="download missing data")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--precision", choices=CHOICES["precision"], default="fp32", help="fp32, or bf16 autocast"
+    )
+    p.add_argument("--limit-batches", type=int, help="evaluate at most N batches")
     p.add_argument(
         "--output",
         metavar="FILE",
         help="JSON file for the results (default: RUN_DIR/evaluation_<which>_<split>.json)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a trained run",
+        description="Classify PNG/JPEG/... files (or every image in a folder) with a trained "
+        "run: the images are converted to the run's channels and size and preprocessed as "
+        "its dataset's test images; prints the top-k classes and scores per image.",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="run directory or .safetensors checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--data-root", help="data folder for the run's dataset, if needed")
 
     p = sub.add_parser("recipes", help="list the recipes, or print one")
     p.add_argument("name", nargs="?", help="print this recipe's file")
@@ -227,12 +259,35 @@ def _datasets(_: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from capsnet.predict import predict_files
+
+    try:
+        results = predict_files(
+            args.run, args.images, top_k=args.top_k, which=args.which, device=args.device,
+            batch_size=args.batch_size, data_root=args.data_root,
+        )  # fmt: skip
+    except USER_ERRORS as err:
+        if os.environ.get("CAPSNET_TRACEBACK"):
+            raise
+        return fail(str(err))
+    for result in results:
+        print(json.dumps(result) if args.json else _prediction_line(result))
+    return 0
+
+
+def _prediction_line(result: dict[str, Any]) -> str:
+    top = "  ".join(f"{p['class']} {p['score']:.4g}" for p in result["top"])
+    return f"{result['file']}: {top}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``capsnet`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     handlers = {
         "train": _train,
         "evaluate": _evaluate,
+        "predict": _predict,
         "recipes": _recipes,
         "models": _models,
         "datasets": _datasets,

@@ -13,9 +13,11 @@ Unknown keys and bad values are errors that list what is accepted.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import sys
 import types
@@ -39,7 +41,10 @@ __all__ = [
     "recipe_path",
     "config_from_dict",
     "parse_value",
+    "parse_bool",
     "model_parameters",
+    "model_annotations",
+    "MAX_THREADS",
 ]
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -52,6 +57,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """Valid values of the string options (``device`` is checked by pattern)."""
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_THREADS = 1024
+"""The largest ``num_threads`` accepted (torch aborts on absurd thread counts)."""
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
 # Set by the dataset, never by the user: the trainer passes what the data provides.
 _DATA_DEFINED = ("num_classes", "in_channels", "input_size")
 
@@ -124,6 +133,7 @@ class RunConfig:
     description: str = _f("", "one line describing the run (recipes: the paper result)")
 
     def __post_init__(self) -> None:
+        _coerce_bools(self)
         _check_types(self)
         _check_values(self)
 
@@ -194,6 +204,39 @@ def _type_name(hint: Any) -> str:
     return "None" if hint is type(None) else hint.__name__
 
 
+def parse_bool(key: str, value: Any) -> bool:
+    """A strict boolean: ``True``/``False``, 1/0, or (any case) ``"true"``/``"yes"``/``"1"``
+    and ``"false"``/``"no"``/``"0"``; anything else is a ``ValueError`` naming ``key``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"{key} must be a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
+def _is_bool_hint(hint: Any) -> bool:
+    if hint is bool:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [h for h in typing.get_args(hint) if h is not type(None)]
+        return args == [bool]
+    return False
+
+
+def _coerce_bools(cfg: RunConfig) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_bool_hint(hints[f.name]) and value is not None and not isinstance(value, bool):
+            setattr(cfg, f.name, parse_bool(f.name, value))
+
+
 def _check_types(cfg: RunConfig) -> None:
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(cfg):
@@ -206,6 +249,8 @@ def _check_types(cfg: RunConfig) -> None:
         if hints[f.name] is float or hints[f.name] == float | None:
             if isinstance(value, int):
                 setattr(cfg, f.name, float(value))
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -224,6 +269,10 @@ def _check_values(cfg: RunConfig) -> None:
     for name in ("val_samples", "checkpoint_every", "seed", "weight_decay", "momentum"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS:
+        raise ValueError(f"num_threads must be in 1..{MAX_THREADS}, got {cfg.num_threads}")
+    if not cfg.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
     for name in ("lr", "dist_timeout"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
@@ -233,11 +282,13 @@ def _check_values(cfg: RunConfig) -> None:
         raise ValueError(f"lr_decay_rate must be in (0, 1], got {cfg.lr_decay_rate}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ValueError(f"grad_clip must be > 0 or None, got {cfg.grad_clip}")
-    if not 0 <= cfg.margin_start <= cfg.margin_stop:
+    if not 0 <= cfg.margin_start <= cfg.margin_stop <= 1:
         raise ValueError(
-            f"spread-loss margins must satisfy 0 <= margin_start <= margin_stop, got "
+            f"spread-loss margins must satisfy 0 <= margin_start <= margin_stop <= 1, got "
             f"{cfg.margin_start} and {cfg.margin_stop}"
         )
+    if cfg.margin_per_epoch < 0:
+        raise ValueError(f"margin_per_epoch must be >= 0, got {cfg.margin_per_epoch}")
     if cfg.val_samples and cfg.train_samples and cfg.val_samples >= cfg.train_samples:
         raise ValueError(
             f"val_samples ({cfg.val_samples}) must be smaller than train_samples "
@@ -271,6 +322,92 @@ def model_parameters(name: str) -> dict[str, inspect.Parameter] | None:
     return {k: p for k, p in params.items() if k != "self"}
 
 
+def _constructor(name: str) -> Any:
+    """The callable whose signature describes a model's arguments (class or factory)."""
+    from capsnet.models import model_info
+
+    factory = model_info(name).factory
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return factory
+    try:
+        cls = typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotation
+        return None
+    return cls.__init__ if inspect.isclass(cls) else None
+
+
+def model_annotations(name: str) -> dict[str, Any]:
+    """Resolved type annotations of a registered model's constructor arguments (``{}``
+    when they cannot be resolved)."""
+    fn = _constructor(name)
+    if fn is None:
+        return {}
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotation: nothing to check
+        return {}
+    hints.pop("return", None)
+    return hints
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits ``hint``; None when the hint is not one we can check."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, h) for h in typing.get_args(hint)]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (bool, int, float, str):
+        return _type_ok(value, hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    seq = (list, tuple, collections.abc.Sequence)
+    if hint in seq or origin in seq:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if len(args) == 1:
+            results = [_matches(v, args[0]) for v in value]
+            return None if None in results else all(results)
+        return True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def _hint_text(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_hint_text(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _check_model_kwarg_types(cfg: RunConfig) -> None:
+    hints = model_annotations(cfg.model)
+    kwargs = dict(cfg.model_kwargs)
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if _is_bool_hint(hint) and value is not None and not isinstance(value, bool):
+            kwargs[key] = value = parse_bool(f"model_kwargs.{key}", value)
+        if _matches(value, hint) is False:
+            raise TypeError(
+                f"model_kwargs.{key}: {cfg.model!r} expects {_hint_text(hint)}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+    cfg.model_kwargs = kwargs
+
+
 def _check_model(cfg: RunConfig) -> None:
     from capsnet.models import model_info
 
@@ -299,6 +436,7 @@ def _check_model(cfg: RunConfig) -> None:
                 f"iterations: model {cfg.model!r} has no routing iterations (it is not a "
                 f"capsule model); leave iterations unset"
             )
+    _check_model_kwarg_types(cfg)
 
 
 def _check_dataset(cfg: RunConfig) -> None:

@@ -22,7 +22,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from capsnet._cli_common import USER_ERRORS, add_output_dir, fail, key_value
+from capsnet._cli_common import (
+    USER_ERRORS,
+    CapsnetParser,
+    add_output_dir,
+    fail,
+    format_table,
+    key_value,
+    thread_count,
+)
 from capsnet.runs import Run, load_run, run_dataset
 
 __all__ = ["register_cli", "main", "HANDLERS", "LoadedRun", "load_run", "run_dataset"]
@@ -79,14 +87,17 @@ def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
     p.add_argument("--download", action="store_true", help="download missing data")
     add_output_dir(p, "output folder (default: RUN_DIR/experiments/<experiment>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _threads_flag(p)
 
 
 def _threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--num-threads", type=int, help="CPU threads for torch (default: torch's default)"
+        "--num-threads",
+        type=thread_count,
+        metavar="N",
+        help="CPU threads for torch, 1..1024 (default: torch's default)",
     )
 
 
@@ -150,7 +161,13 @@ def _attack_flags(p: argparse.ArgumentParser) -> None:
         default=[0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
         help="L-inf budgets in [0, 1] pixel units, e.g. 0,0.05,0.1",
     )
-    p.add_argument("--methods", nargs="+", choices=("fgsm", "bim"), default=["fgsm", "bim"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("fgsm", "bim"),
+        default=["fgsm", "bim"],
+        help="attacks to run",
+    )
     p.add_argument(
         "--targeted",
         choices=("both", "no", "yes"),
@@ -204,20 +221,25 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
         q.set_defaults(handler=_sweep, kind=kind)
     q = sub.add_parser("reconstruction", help="reconstructions and pose perturbations")
     _common(q, baseline=False)
-    q.add_argument("--num-examples", type=int, default=20)
-    q.add_argument("--num-perturbed", type=int, default=3)
+    q.add_argument("--num-examples", type=int, default=20, help="test inputs reconstructed")
+    q.add_argument("--num-perturbed", type=int, default=3, help="inputs whose poses are perturbed")
     q.set_defaults(handler=_reconstruction)
     q = sub.add_parser("routing", help="couplings per iteration, vote distances, dead capsules")
     _common(q, baseline=False)
     q.add_argument("--num-examples", type=int, default=3, help="inputs drawn in detail")
     q.add_argument("--max-examples", type=int, default=500, help="inputs in the statistics")
-    q.add_argument("--dead-threshold", type=float, default=0.01)
+    q.add_argument(
+        "--dead-threshold",
+        type=float,
+        default=0.01,
+        help="a capsule is dead below this activation",
+    )
     q.set_defaults(handler=_routing)
     q = sub.add_parser("equivariance", help="linear-map residual of poses under transforms")
     _common(q, baseline=True)
-    q.add_argument("--translations", action=_Floats, default=[1, 2, 3, 4])
-    q.add_argument("--rotations", action=_Floats, default=[5, 10, 20, 30])
-    q.add_argument("--max-examples", type=int, default=2000)
+    q.add_argument("--translations", action=_Floats, default=[1, 2, 3, 4], help="pixels")
+    q.add_argument("--rotations", action=_Floats, default=[5, 10, 20, 30], help="degrees")
+    q.add_argument("--max-examples", type=int, default=2000, help="test examples (0: all)")
     q.set_defaults(handler=_equivariance)
     q = sub.add_parser(
         "affnist",
@@ -238,7 +260,9 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
         "azimuths (or elevations) one epoch at a time and compared on the novel views at "
         "matched familiar-view error. Resumable: run the same command again.",
     )
-    q.add_argument("--mode", choices=("azimuth", "elevation"), default="azimuth")
+    q.add_argument(
+        "--mode", choices=("azimuth", "elevation"), default="azimuth", help="novel viewpoints"
+    )
     _protocol_flags(q, "matrix_capsnet_smallnorb_{mode}", "hinton_cnn_smallnorb_{mode}")
     q.set_defaults(handler=_viewpoint)
     q = sub.add_parser(
@@ -257,13 +281,13 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     q.set_defaults(handler=_affnist_protocol)
     q = sub.add_parser("all", help="every experiment that applies to the model")
     _common(q, baseline=True)
-    q.add_argument("--max-examples", type=int, default=1000)
+    q.add_argument("--max-examples", type=int, default=1000, help="test examples (0: all)")
     q.set_defaults(handler=_all)
 
     p = subparsers.add_parser(
         "report", help="one HTML page with the training curves and every experiment of a run"
     )
-    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("run", metavar="RUN_DIR", help="run directory (or experiment folder)")
     p.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(handler=_report)
 
@@ -307,7 +331,11 @@ def _limit(n: int | None) -> int | None:
 
 
 def _done(record: dict[str, Any], out: Path) -> int:
+    """Print the record's headline table (its summary rows), then where it was written."""
     print(f"{record['title']}: {out / (record['experiment'] + '.json')}")
+    table = format_table(record.get("summary") or [])
+    if table:
+        print("  " + table.replace("\n", "\n  "))
     for f in record["figures"]:
         print(f"  figure: {out / f}")
     return 0
@@ -614,7 +642,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run these subcommands on their own: ``python -m capsnet.experiment_cli experiment
     attack RUN``."""
-    parser = argparse.ArgumentParser(
+    parser = CapsnetParser(
         prog="capsnet", description="Capsule network experiments: experiment, report."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -461,7 +461,8 @@ def _model_text(name: str, info: Any) -> str:
 def _record_section(path: Path, record: Mapping[str, Any], number: int) -> tuple[str, int]:
     title = str(record.get("title", record.get("experiment")))
     parts = [f'<h2 id="{_record_anchor(path, record)}">{_esc(title)}</h2>']
-    meta = [f"created {record.get('created', '?')}", f"record <code>{_esc(path.name)}</code>"]
+    created = _esc(record.get("created", "?"))
+    meta = [f"created {created}", f"record <code>{_esc(path.name)}</code>"]
     parts.append(f'<p class="sub">{" · ".join(meta)}</p>')
     command = str(record.get("command") or "")
     if command:
@@ -472,7 +473,13 @@ def _record_section(path: Path, record: Mapping[str, Any], number: int) -> tuple
             "<p>Models: " + "; ".join(_model_text(k, v) for k, v in models.items()) + "</p>"
         )
     parts.extend(_table(rows) for rows in _same_columns(record.get("summary") or []))
-    for group in _figure_groups([str(n) for n in record.get("figures") or []]):
+    # Figures are plain file names beside the record: a name with a folder in it (or
+    # "..") is not embedded, so a record cannot pull other files into the page.
+    names = [str(n) for n in record.get("figures") or []]
+    for bad in [n for n in names if Path(n).name != n or n in ("", ".", "..")]:
+        parts.append(f'<p class="muted">figure {_esc(bad)!s} skipped: not a file name</p>')
+    names = [n for n in names if Path(n).name == n and n not in ("", ".", "..")]
+    for group in _figure_groups(names):
         number += 1
         what = _caption_for(group[0]) or title
         parts.append(_figure([path.parent / n for n in group], number, what, command))

@@ -168,21 +168,24 @@ def cifar10(
         if not download:
             raise _not_found(root_path, split)
         folder = download_cifar10(root_path, progress=progress)
-    images, labels = [], []
-    for name in _SPLIT_FILES[split]:
-        path = folder / name
-        if verify:
+    # Every file read is checked, batches.meta (the class names) included.
+    meta_path = folder / "batches.meta"
+    needed = [*_SPLIT_FILES[split], *(["batches.meta"] if meta_path.is_file() else [])]
+    if verify:
+        for name in needed:
+            path = folder / name
             try:
                 check_md5(path.read_bytes(), CIFAR10_FILES[name], path, what="file")
             except CorruptFileError:
                 if not download:
                     raise
                 folder = download_cifar10(root_path, progress=progress)
-                path = folder / name
-        x, y = read_cifar_batch(path)
+                meta_path = folder / "batches.meta"
+    images, labels = [], []
+    for name in _SPLIT_FILES[split]:
+        x, y = read_cifar_batch(folder / name)
         images.append(x)
         labels.append(y)
-    meta_path = folder / "batches.meta"
     classes = read_cifar_meta(meta_path) if meta_path.is_file() else list(_CLASSES)
     if len(classes) != 10:
         raise CorruptFileError(f"{meta_path}: {len(classes)} class names, expected 10")
@@ -200,5 +203,5 @@ def cifar10(
         split=split,
         train_transform=train,
         eval_transform=evaluate,
-        meta={"files": [str(folder / n) for n in _SPLIT_FILES[split]], "verified": verify},
+        meta={"files": [str(folder / n) for n in needed], "verified": verify},
     )

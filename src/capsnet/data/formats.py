@@ -301,7 +301,7 @@ def read_image(path: Path, *, mode: str, size: tuple[int, int] | None) -> np.nda
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
         raise CorruptFileError(f"{path}: cannot decode image ({exc})") from exc
     if array.ndim == 2:
         array = array[None]

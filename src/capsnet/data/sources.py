@@ -44,6 +44,7 @@ __all__ = [
     "find_folder",
     "locate",
     "read_file_bytes",
+    "decompress_limit",
     "check_md5",
     "download_file",
     "ensure_files",
@@ -149,27 +150,68 @@ def not_found_message(
     return "\n".join(lines)
 
 
-def _decompress(raw: bytes, path: Path) -> bytes:
+MAX_RATIO = 200
+"""The largest expansion accepted from a gzip file whose uncompressed size is not known
+in advance (real dataset files expand 2-10x; a gzip bomb of zeros about 1000x)."""
+MIN_LIMIT = 64 << 20
+"""Without a known size, files up to this size are accepted whatever their ratio."""
+
+
+def decompress_limit(compressed: int, expected: int | None = None) -> int:
+    """The most bytes a gzip file of ``compressed`` bytes may expand to: its ``expected``
+    uncompressed size when the file spec gives one, else ``MAX_RATIO`` times its size
+    (at least ``MIN_LIMIT``)."""
+    if expected is not None:
+        return int(expected)
+    return max(MIN_LIMIT, MAX_RATIO * int(compressed))
+
+
+def _decompress(path: Path, limit: int) -> bytes:
+    """Stream-decompress the gzip file ``path``, refusing it once it passes ``limit``
+    bytes (before the rest is inflated, so a gzip bomb never fills the memory)."""
     try:
-        return gzip.decompress(raw)
+        with gzip.open(path, "rb") as fh:
+            content = fh.read(limit + 1)
     except (EOFError, OSError, zlib.error) as exc:
         raise CorruptFileError(
             f"{path}: not a valid gzip stream ({exc}); the file is truncated or corrupt. "
             "Delete it (or pass download=True to fetch it again)."
         ) from exc
+    if len(content) > limit:
+        raise CorruptFileError(
+            f"{path}: decompresses to more than {limit:,} bytes (the most this file may "
+            f"hold), refused before reading the rest; it is not the expected file (or a "
+            f"decompression bomb). Delete it (or pass download=True to fetch it again)."
+        )
+    return content
 
 
-def read_file_bytes(path: Path) -> bytes:
-    """The content of ``path``, gunzipped when it is a gzip file (detected by its magic)."""
+def read_file_bytes(path: Path, *, expected_size: int | None = None) -> bytes:
+    """The content of ``path``, gunzipped when it is a gzip file (detected by its magic).
+
+    Args:
+        path: the file.
+        expected_size: its uncompressed size when known (a file spec's ``size``): a gzip
+            file that expands past it is refused while decompressing. Without it the
+            expansion is limited by ratio (:func:`decompress_limit`).
+
+    Raises:
+        CorruptFileError: an invalid gzip stream, or one that expands past the limit.
+    """
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+        compressed = path.stat().st_size
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
-    if raw[:2] == b"\x1f\x8b":
-        return _decompress(raw, path)
+    if magic == b"\x1f\x8b":
+        return _decompress(path, decompress_limit(compressed, expected_size))
     if path.suffix == ".gz":
         raise CorruptFileError(f"{path}: named .gz but does not start with the gzip magic 1f8b")
-    return raw
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
 
 
 def check_md5(
@@ -220,6 +262,7 @@ def download_file(
     md5: str | None = None,
     md5_of: str = "content",
     progress: bool = True,
+    expected_size: int | None = None,
 ) -> Path:
     """Download the first working mirror of ``urls`` to ``dest``, verified, atomically.
 
@@ -231,6 +274,7 @@ def download_file(
             ``.gz`` bytes differ between mirrors); ``"file"`` checks the bytes as
             downloaded (archives such as the CIFAR-10 tarball).
         progress: show a tqdm progress bar (auto-disabled when not on a terminal).
+        expected_size: the uncompressed size, when known (limits the decompression).
 
     Returns:
         ``dest``.
@@ -247,7 +291,8 @@ def download_file(
                 _fetch(url, tmp, progress=progress)
                 if md5 is not None:
                     if md5_of == "content":
-                        check_md5(read_file_bytes(tmp), md5, Path(url))
+                        content = read_file_bytes(tmp, expected_size=expected_size)
+                        check_md5(content, md5, Path(url))
                     else:
                         check_md5(tmp.read_bytes(), md5, Path(url), what="downloaded file")
             return dest
@@ -306,8 +351,9 @@ def ensure_files(
                 f"{title}: {spec.name} has no public download source; place it in {dest_dir}"
             )
         download_file(
-            spec.urls, dest_dir / url_basename(spec.urls[0]), md5=spec.md5, progress=progress
-        )
+            spec.urls, dest_dir / url_basename(spec.urls[0]), md5=spec.md5, progress=progress,
+            expected_size=spec.size,
+        )  # fmt: skip
     return dest_dir
 
 
@@ -325,8 +371,10 @@ def read_verified(
     path = locate(spec, folder)
     if path is None:
         raise DatasetNotFoundError(f"{spec.name}[.gz] not found in {folder}")
+    # Unverified files may be the user's own data in this format, of any size.
+    size = spec.size if verify else None
     try:
-        content = read_file_bytes(path)
+        content = read_file_bytes(path, expected_size=size)
         if verify:
             check_md5(content, spec.md5, path)
         return content, path
@@ -334,11 +382,11 @@ def read_verified(
         if not (download and spec.urls):
             raise
     fresh = folder / url_basename(spec.urls[0])
-    download_file(spec.urls, fresh, md5=spec.md5, progress=progress)
+    download_file(spec.urls, fresh, md5=spec.md5, progress=progress, expected_size=spec.size)
     if fresh != path:
         with contextlib.suppress(OSError):
             path.unlink()
-    content = read_file_bytes(fresh)
+    content = read_file_bytes(fresh, expected_size=spec.size)
     return content, fresh
 
 

@@ -17,6 +17,7 @@ which is how a dataset reports the ``image_size`` the model sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch import Tensor
 
 __all__ = [
     "Transform",
+    "transform_spec",
+    "transform_from_spec",
     "Compose",
     "Identity",
     "RandomShift",
@@ -528,3 +531,58 @@ class RandomAffine(Transform):
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         A, t = self.sample(x, generator)
         return apply_affine(x, A, t, self.output_size((x.shape[-2], x.shape[-1])))
+
+
+# ---------------------------------------------------------------------------------------
+# Deterministic preprocessing as plain data (stored with a run, rebuilt for prediction).
+
+_SPEC_CLASSES: dict[str, type[Transform]] = {
+    "Identity": Identity,
+    "Compose": Compose,
+    "CenterCrop": CenterCrop,
+    "PlaceOnCanvas": PlaceOnCanvas,
+    "Standardize": Standardize,
+}
+
+
+def transform_spec(transform: Transform) -> dict[str, Any] | None:
+    """A JSON-ready description of a deterministic (evaluation) transform, rebuilt by
+    :func:`transform_from_spec`; ``None`` when it holds a transform that cannot be
+    described (a random or custom one).
+
+    >>> transform_spec(CenterCrop(32))
+    {'name': 'CenterCrop', 'size': [32, 32]}
+    """
+    name = type(transform).__name__
+    if _SPEC_CLASSES.get(name) is not type(transform) or transform.randomized:
+        return None
+    if isinstance(transform, Compose):
+        inner = [transform_spec(t) for t in transform.transforms]
+        if any(t is None for t in inner):
+            return None
+        return {"name": name, "transforms": inner}
+    spec: dict[str, Any] = {"name": name}
+    for key, value in vars(transform).items():
+        if key.startswith("_") or key == "randomized":
+            continue
+        spec[key] = list(value) if isinstance(value, tuple) else value
+    return spec
+
+
+def transform_from_spec(spec: Any) -> Transform:
+    """The transform a :func:`transform_spec` dict describes.
+
+    Raises:
+        ValueError: not a spec of a known deterministic transform.
+    """
+    if not isinstance(spec, dict) or spec.get("name") not in _SPEC_CLASSES:
+        raise ValueError(
+            f"not a preprocessing spec (a dict naming one of {sorted(_SPEC_CLASSES)}): {spec!r}"
+        )
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"] == "Compose":
+        return Compose([transform_from_spec(t) for t in kwargs.get("transforms", [])])
+    try:
+        return _SPEC_CLASSES[spec["name"]](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad preprocessing spec {spec!r}: {err}") from err
