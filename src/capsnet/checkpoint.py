@@ -47,7 +47,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from capsnet._checks import check_choice
-from capsnet.io import atomic_write, os_error, write_flushed
+from capsnet.io import RunDirError, atomic_write, os_error, write_flushed
 
 __all__ = [
     "CheckpointError",
@@ -184,8 +184,7 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
             raise ValueError("not an object")
     except ValueError:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt (unreadable header): not a readable "
-            f".safetensors file"
+            f"checkpoint {path} is corrupt (unreadable header): not a readable .safetensors file"
         ) from None
     return header, 8 + n, size
 
@@ -332,7 +331,11 @@ def save_checkpoint(
     try:
         for key, data in files.items():
             written.append(_tmp(paths[key], checkpoint_id))
-            write_flushed(written[-1], data)
+            try:
+                write_flushed(written[-1], data)
+            except RunDirError as err:  # name the checkpoint, not its temporary file
+                text = str(err).replace(str(written[-1]), str(paths[key]))
+                raise RunDirError(text, errno_=err.errno, filename=paths[key]) from err
     except BaseException:
         for path in written:
             with contextlib.suppress(OSError):

@@ -498,8 +498,9 @@ class Trainer:
                 })  # fmt: skip
                 if cfg.progress and not bars and time.perf_counter() - line_tic >= 10:
                     line_tic = time.perf_counter()  # a redirected log: a line, not a bar
-                    self._print(progress_line(epoch + 1, cfg.epochs, i + 1,
-                                              self.steps_per_epoch, w_loss, w_acc, speed))  # fmt: skip
+                    steps = self.steps_per_epoch
+                    line = progress_line(epoch + 1, cfg.epochs, i + 1, steps, w_loss, w_acc, speed)
+                    self._print(line)
                 window, window_tic = _Meter(self.device), time.perf_counter()
             stop = self._stop_requested()
             if stop or (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0):
@@ -526,7 +527,7 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
-            norm = nn.utils.get_total_norm([p.grad for p in params])
+            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         flags = torch.stack([
             ~torch.isfinite(images).all(), ~torch.isfinite(loss.detach()).all(),
             ~torch.isfinite(norm), torch.tensor(self.stop_signal is not None, device=norm.device),
