@@ -1,42 +1,59 @@
 """Checkpoints: safetensors weights, JSON trainer state, atomic writes and :func:`load`.
 
-A checkpoint ``TAG`` (``last`` or ``best``) in a run directory is
+A checkpoint ``TAG`` (``last``, ``best`` or ``step-N``) in a run directory is
 
 * ``TAG.safetensors``: the model's ``state_dict``; its metadata holds the model name, the
-  constructor kwargs and the run config as JSON, so :func:`load` rebuilds the model.
+  constructor kwargs and the run config as JSON, so :func:`load` rebuilds the model, and
+  ``sha256``, the SHA-256 of the file's tensor bytes.
 * ``TAG.json``: epoch, step, metrics and (``last`` only) the optimiser's and scheduler's
   non-tensor state.
 * ``TAG.state.safetensors`` (``last`` only): the optimiser's tensors (Adam moments) and the
-  random-number generator states.
+  random-number generator states (with its ``sha256`` too).
 
 Loading never executes code: weights and tensors come from safetensors, everything else
-from JSON. Every file is written to a temporary name, flushed and renamed into place (other
-files of a run use :func:`capsnet.io.atomic_write`, re-exported here; a checkpoint's files
-use fixed temporary names ``.NAME.tmp``, which the roll-forward recognises). The files of
-one checkpoint share a ``checkpoint_id``, and a save interrupted between the renames is
-completed (rolled forward) on the next load, so a killed run always finds a consistent
-checkpoint. Only one process (rank 0) saves a run's checkpoints.
+from JSON. Every load checks each file's length against its header and its tensor bytes
+against ``sha256``: a truncated or bit-flipped file is a :class:`CheckpointError` naming
+the file (checkpoints written before the checksum existed load without the check).
+
+Every file is written to a temporary name ``.NAME.<checkpoint_id>.tmp`` (unique per save,
+so two saves never share one), flushed and renamed into place (other files of a run use
+:func:`capsnet.io.atomic_write`, re-exported here). The files of one checkpoint share the
+``checkpoint_id``, and a save interrupted between the renames is completed (rolled
+forward) on the next load from the temporary files carrying that id, so a killed run
+always finds a consistent checkpoint. Only one process saves a run's checkpoints: the
+holder of the run directory's lock (:mod:`capsnet.runlock`); while another process holds
+it, a load reads an interrupted save in place instead of renaming its files.
+
+``save_checkpoint(..., keep=K)`` keeps the previous K - 1 ``last`` checkpoints as
+``step-N`` (hard links, no copies), so a resume can fall back to an older one
+(:func:`list_checkpoints`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from capsnet._checks import check_choice
-from capsnet.io import atomic_write, write_flushed
+from capsnet.io import RunDirError, atomic_write, os_error, write_flushed
 
 __all__ = [
+    "CheckpointError",
     "atomic_write",
+    "list_checkpoints",
+    "verify_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_exists",
@@ -46,6 +63,12 @@ __all__ = [
 ]
 
 _FORMAT = "capsnet-checkpoint-1"
+_STEP_TAG = re.compile(r"^step-(\d+)$")
+_MAX_HEADER = 100_000_000
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is truncated or corrupt; the message names the file."""
 
 
 # ------------------------------------------------------------------ nested state <-> JSON
@@ -95,7 +118,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-# ------------------------------------------------------------------ save / load
+# ------------------------------------------------------------------ files and checksums
 
 
 def _paths(run_dir: Path, tag: str) -> dict[str, Path]:
@@ -106,8 +129,139 @@ def _paths(run_dir: Path, tag: str) -> dict[str, Path]:
     }
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _tmp(path: Path, checkpoint_id: str) -> Path:
+    return path.with_name(f".{path.name}.{checkpoint_id}.tmp")
+
+
+def _tmps(path: Path) -> dict[str, Path]:
+    """The temporary files of ``path`` left by saves, by checkpoint id."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+-[0-9a-f]{{12}})\.tmp$")
+    found = {}
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f".{path.name}.*.tmp"):
+            m = pattern.match(p.name)
+            if m:
+                found[m.group(1)] = p
+    return found
+
+
+def _with_checksum(raw: bytes) -> bytes:
+    """A serialised safetensors file with ``sha256`` (of its tensor bytes) in its metadata."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    header.setdefault("__metadata__", {})["sha256"] = hashlib.sha256(data).hexdigest()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the tensor bytes to 8
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """``(header, data_start, file_size)`` of a safetensors file, reading only the header.
+
+    Raises:
+        CheckpointError: the file is too short for its header or the header is unreadable.
+        FileNotFoundError: the file does not exist.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(
+                    f"checkpoint {path} is truncated ({size} bytes, shorter than its "
+                    f"header): not a readable .safetensors file"
+                )
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise os_error(err, path, "read") from err
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (unreadable header): not a readable .safetensors file"
+        ) from None
+    return header, 8 + n, size
+
+
+def _data_end(header: dict[str, Any]) -> int:
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    return max(ends, default=0)
+
+
+def _verified_bytes(path: Path) -> bytes:
+    """The bytes of a safetensors file, checked for truncation and (when recorded) checksum."""
+    header, start, size = _header(path)
+    expected = start + _data_end(header)
+    if size < expected:
+        raise CheckpointError(f"checkpoint {path} is truncated ({size} of {expected} bytes)")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise os_error(err, path, "read") from err
+    if len(raw) != expected:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({len(raw)} bytes where its header says {expected})"
+        )
+    digest = (header.get("__metadata__") or {}).get("sha256")
+    if digest and hashlib.sha256(memoryview(raw)[start:]).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
+    return raw
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a verified safetensors file (a one-line error when it is damaged)."""
+    raw = _verified_bytes(path)
+    try:
+        return st_load(raw)
+    except Exception as err:  # safetensors' own error type for malformed files
+        raise CheckpointError(f"checkpoint {path} is corrupt ({err})") from err
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise os_error(err, path, "read") from err
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path} is corrupt (unreadable JSON)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt (not a JSON object)")
+    return record
+
+
+def _file_id(path: Path) -> str | None:
+    """The ``checkpoint_id`` of one file (None when it is missing, torn or foreign)."""
+    try:
+        if path.name.endswith(".json") or ".json." in path.name:
+            value = _read_record(path).get("checkpoint_id")
+        else:
+            value = (_header(path)[0].get("__metadata__") or {}).get("checkpoint_id")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _wanted(paths: dict[str, Path], record: dict[str, Any]) -> dict[str, Path]:
+    """The files a checkpoint record says it has (a ``step-N`` copy of ``last`` lists the
+    ``last`` names: matched by kind)."""
+    names = record.get("files", [])
+    has_state = "optimizer" in record or any(n.endswith(".state.safetensors") for n in names)
+    return {k: p for k, p in paths.items() if k != "state" or has_state}
+
+
+# ------------------------------------------------------------------ save
 
 
 def save_checkpoint(
@@ -122,6 +276,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     rng: bool = True,
+    keep: int = 1,
 ) -> None:
     """Write checkpoint ``tag`` of a run (see the module docstring for the files).
 
@@ -134,10 +289,17 @@ def save_checkpoint(
         trainer_state: JSON-serialisable progress (epoch, step, metrics, ...).
         optimizer, scheduler: saved when given (needed to resume exactly).
         rng: save the torch random-number generator states with the optimiser.
+        keep: for ``tag="last"``: how many checkpoints to keep, this one included; the
+            previous ``last`` becomes ``step-N`` (N its step) and older ``step-N`` beyond
+            ``keep - 1`` are deleted.
+
+    Raises:
+        capsnet.io.RunDirError: a file could not be written (disk full, read-only, ...);
+            the previous checkpoint is left intact and no temporary file remains.
     """
     run_dir = Path(run_dir)
     paths = _paths(run_dir, tag)
-    checkpoint_id = f"{trainer_state.get('step', 0)}-{uuid.uuid4().hex[:12]}"
+    checkpoint_id = f"{int(trainer_state.get('step', 0) or 0)}-{uuid.uuid4().hex[:12]}"
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": _FORMAT,
@@ -148,7 +310,7 @@ def save_checkpoint(
         "epoch": str(trainer_state.get("epoch", "")),
         "step": str(trainer_state.get("step", "")),
     }
-    files: dict[str, bytes | str] = {"weights": st_save(weights, metadata=meta)}
+    files: dict[str, bytes | str] = {"weights": _with_checksum(st_save(weights, metadata=meta))}
     record = {"format": _FORMAT, "checkpoint_id": checkpoint_id, **trainer_state}
     if optimizer is not None:
         tensors: dict[str, torch.Tensor] = {}
@@ -158,47 +320,154 @@ def save_checkpoint(
         if rng:
             record["rng"] = _split_tensors(_rng_state(), "rng", tensors)
         state_meta = {"format": _FORMAT, "checkpoint_id": checkpoint_id}
-        files["state"] = st_save(tensors, metadata=state_meta)
+        files["state"] = _with_checksum(st_save(tensors, metadata=state_meta))
     else:
         paths.pop("state")
     record["files"] = sorted(paths[k].name for k in files)
     files["json"] = json.dumps(record, indent=1)
     # All files first, then the renames: a crash before the renames leaves the old
     # checkpoint intact; a crash between them is completed by _consistent_files.
-    for key, data in files.items():
-        write_flushed(_tmp(paths[key]), data)
-    for key in files:
-        os.replace(_tmp(paths[key]), paths[key])
-
-
-def _file_id(path: Path) -> str | None:
+    written: list[Path] = []
     try:
-        if path.name.endswith(".json") or path.name.endswith(".json.tmp"):
-            return json.loads(path.read_text()).get("checkpoint_id")
-        with safe_open(str(path), "pt") as fh:
-            return (fh.metadata() or {}).get("checkpoint_id")
-    except Exception:  # a torn or foreign file has no usable id
-        return None
+        for key, data in files.items():
+            written.append(_tmp(paths[key], checkpoint_id))
+            try:
+                write_flushed(written[-1], data)
+            except RunDirError as err:  # name the checkpoint, not its temporary file
+                text = str(err).replace(str(written[-1]), str(paths[key]))
+                raise RunDirError(text, errno_=err.errno, filename=paths[key]) from err
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    if keep > 1 and tag == "last":
+        _keep_previous(run_dir)
+    for key in files:
+        try:
+            os.replace(_tmp(paths[key], checkpoint_id), paths[key])
+        except OSError as err:
+            raise os_error(err, paths[key]) from err
+    _remove_stale_tmps(paths.values())
+    if tag == "last":
+        for old in list_checkpoints(run_dir)[max(keep, 1) :]:
+            _delete(run_dir, old)
+
+
+def _remove_stale_tmps(paths: Any) -> None:
+    for path in paths:
+        for tmp in _tmps(path).values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _keep_previous(run_dir: Path) -> None:
+    """Keep the current ``last`` as ``step-N``: hard links (a copy where links fail), the
+    JSON last, so a ``step-N`` checkpoint exists only once it is complete."""
+    src = _paths(run_dir, "last")
+    if not src["json"].exists():
+        return
+    try:
+        record = _read_record(src["json"])
+        wanted = _wanted(src, record)
+        step = int(record.get("step", -1))
+    except (OSError, ValueError, TypeError):
+        return
+    ids = {_file_id(p) for p in wanted.values()}
+    if step < 0 or ids != {record.get("checkpoint_id")}:
+        return  # not a complete checkpoint: nothing worth keeping
+    dst = _paths(run_dir, f"step-{step}")
+    if dst["json"].exists():
+        return
+    for key in ("weights", "state", "json"):
+        if key not in wanted:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            dst[key].unlink()
+        try:
+            os.link(wanted[key], dst[key])
+        except OSError:
+            try:
+                shutil.copyfile(wanted[key], dst[key])
+            except OSError as err:
+                raise os_error(err, dst[key]) from err
+
+
+def _delete(run_dir: Path, tag: str) -> None:
+    paths = _paths(run_dir, tag)
+    for key in ("json", "weights", "state"):  # the JSON first: no half checkpoint is listed
+        with contextlib.suppress(FileNotFoundError):
+            paths[key].unlink()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[str]:
+    """The resumable checkpoints of a run, newest first: ``last``, then ``step-N`` by N."""
+    run_dir = Path(run_dir)
+    steps = []
+    with contextlib.suppress(OSError):
+        for p in run_dir.glob("step-*.json"):
+            m = _STEP_TAG.match(p.name[: -len(".json")])
+            if m:
+                steps.append(int(m.group(1)))
+    tags = ["last"] if checkpoint_exists(run_dir, "last") else []
+    return tags + [f"step-{n}" for n in sorted(steps, reverse=True)]
+
+
+# ------------------------------------------------------------------ load
+
+
+def _writer_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds the run directory's lock (then it owns the files)."""
+    from capsnet.runlock import is_locked_elsewhere
+
+    return is_locked_elsewhere(run_dir)
 
 
 def _consistent_files(run_dir: Path, tag: str) -> dict[str, Path]:
     paths = _paths(run_dir, tag)
-    if not paths["json"].exists() and not _tmp(paths["json"]).exists():
+    json_tmps = _tmps(paths["json"])
+    if not paths["json"].exists() and not json_tmps:
         raise FileNotFoundError(f"no checkpoint {tag!r} in {run_dir} ({tag}.json is missing)")
-    json_path = paths["json"] if paths["json"].exists() else _tmp(paths["json"])
-    record_files = json.loads(json_path.read_text()).get("files", [])
-    wanted = {k: p for k, p in paths.items() if p.name in record_files or k == "json"}
-    ids = {k: _file_id(p) for k, p in wanted.items()}
-    if len(set(ids.values())) == 1 and None not in ids.values():
-        return wanted
-    # Roll forward a save interrupted between its renames.
-    candidates = {k: _tmp(p) if _tmp(p).exists() else p for k, p in wanted.items()}
-    cids = {k: _file_id(p) for k, p in candidates.items()}
-    if len(set(cids.values())) == 1 and None not in cids.values():
+    ids: dict[str, str | None] = {}
+    wanted: dict[str, Path] = {}
+    if paths["json"].exists():
+        record = _read_record(paths["json"])
+        wanted = _wanted(paths, record)
+        ids = {k: _file_id(p) for k, p in wanted.items()}
+        if len(set(ids.values())) == 1 and None not in ids.values():
+            return wanted
+    # Roll forward a save interrupted between its renames: the newest id with a JSON.
+    for cid in sorted(json_tmps, key=lambda c: int(c.split("-")[0]), reverse=True):
+        try:
+            new_record = _read_record(json_tmps[cid])
+        except (OSError, ValueError):
+            continue
+        new_wanted = _wanted(paths, new_record)
+        candidates = {}
+        for key, path in new_wanted.items():
+            tmp = _tmp(path, cid)
+            if tmp.exists() and _file_id(tmp) == cid:
+                candidates[key] = tmp
+            elif _file_id(path) == cid:
+                candidates[key] = path
+        if len(candidates) < len(new_wanted):
+            continue
+        if _writer_elsewhere(run_dir):  # its writer is finishing this save: read in place
+            return candidates
         for key, path in candidates.items():
-            if path != wanted[key]:
-                os.replace(path, wanted[key])
-        return wanted
+            if path != new_wanted[key]:
+                os.replace(path, new_wanted[key])
+        return new_wanted
+    for key, file_id in ids.items():
+        if file_id is None:  # a torn or damaged file, not a mix of saves: name it
+            path = wanted[key]
+            if not path.exists():
+                raise CheckpointError(f"checkpoint {tag!r} in {run_dir}: {path.name} is missing")
+            if key == "json":
+                _read_record(path)
+            else:
+                _verified_bytes(path)
+            raise CheckpointError(f"checkpoint {path} is corrupt (no checkpoint id)")
     raise RuntimeError(
         f"checkpoint {tag!r} in {run_dir} is inconsistent (files from different saves: "
         f"{ids}); delete its files to start over"
@@ -208,7 +477,24 @@ def _consistent_files(run_dir: Path, tag: str) -> dict[str, Path]:
 def checkpoint_exists(run_dir: str | Path, tag: str = "last") -> bool:
     """Whether ``run_dir`` holds checkpoint ``tag`` (complete or completable)."""
     paths = _paths(Path(run_dir), tag)
-    return paths["json"].exists() or _tmp(paths["json"]).exists()
+    return paths["json"].exists() or bool(_tmps(paths["json"]))
+
+
+def verify_checkpoint(run_dir: str | Path, tag: str = "last") -> dict[str, Any]:
+    """Check every file of checkpoint ``tag`` (consistency, length, checksum) without
+    loading it into a model; returns its record.
+
+    Raises:
+        CheckpointError: a file is truncated or corrupt (the message names it).
+        RuntimeError: the files come from different saves.
+        FileNotFoundError: there is no such checkpoint.
+    """
+    paths = _consistent_files(Path(run_dir), tag)
+    record = _read_record(paths["json"])
+    for key in ("weights", "state"):
+        if key in paths:
+            _verified_bytes(paths[key])
+    return record
 
 
 def load_checkpoint(
@@ -222,16 +508,25 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load checkpoint ``tag`` into ``model`` (and optimiser/scheduler/RNG when given).
 
+    Every file is verified before anything is loaded, so a damaged checkpoint leaves the
+    model and optimiser untouched.
+
     Returns:
         The trainer-state record written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: a file is truncated or corrupt (the message names it).
     """
     paths = _consistent_files(Path(run_dir), tag)
-    record = json.loads(paths["json"].read_text())
-    model.load_state_dict(load_file(str(paths["weights"])))
+    record = _read_record(paths["json"])
+    weights = _load_tensors(paths["weights"])
+    tensors = None
     if optimizer is not None:
         if "state" not in paths:
             raise ValueError(f"checkpoint {tag!r} in {run_dir} has no optimiser state")
-        tensors = load_file(str(paths["state"]))
+        tensors = _load_tensors(paths["state"])
+    model.load_state_dict(weights)
+    if optimizer is not None and tensors is not None:
         optimizer.load_state_dict(_join_tensors(record["optimizer"], tensors))
         if scheduler is not None and "scheduler" in record:
             scheduler.load_state_dict(_join_tensors(record["scheduler"], tensors))
@@ -270,11 +565,7 @@ def resolve_weights(path: str | os.PathLike, which: str = "best") -> Path:
 def read_metadata(path: str | os.PathLike, which: str = "best") -> dict[str, Any]:
     """Model name, kwargs, run config, epoch and step stored with a checkpoint's weights."""
     file = resolve_weights(path, which)
-    try:
-        with safe_open(str(file), "pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as err:  # safetensors raises its own error type for torn files
-        raise ValueError(f"{file} is not a readable .safetensors file: {err}") from err
+    meta = _header(file)[0].get("__metadata__") or {}
     if meta.get("format") != _FORMAT or "model" not in meta:
         raise ValueError(
             f"{file} is not a capsnet checkpoint (no model name in its metadata); load plain "
@@ -310,5 +601,5 @@ def load(path: str | Path, *, which: str = "best", device: str | torch.device = 
 
     meta = read_metadata(path, which)
     model = models.create(meta["model"], **meta["model_kwargs"])
-    model.load_state_dict(load_file(meta["path"]))
+    model.load_state_dict(_load_tensors(Path(meta["path"])))
     return model.to(device).eval()

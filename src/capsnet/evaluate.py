@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from capsnet import distributed
 from capsnet.devices import resolve_device
-from capsnet.io import write_json
+from capsnet.io import check_writable, write_json
 
 __all__ = ["EvalResult", "evaluate", "evaluate_checkpoint"]
 
@@ -234,6 +234,14 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     run = load_run(path, which=which, device=dev)
     split = split or run.config.get("eval_split", "test")
+    if output is None:
+        p = Path(path)
+        output = (
+            p / f"evaluation_{which}_{split}.json"
+            if p.is_dir()
+            else p.with_name(f"{p.stem}.{split}.eval.json")
+        )
+    check_writable(Path(output).parent)  # before the evaluation, not after it
     ds = run.dataset(split, dataset=dataset, data_root=data_root, download=download)
     name = dataset or run.config.get("dataset")
     model = run.model
@@ -254,13 +262,6 @@ def evaluate_checkpoint(
         progress=progress,
         labels2=ds.labels2 if two_digits else None,
     )
-    if output is None:
-        p = Path(path)
-        output = (
-            p / f"evaluation_{which}_{split}.json"
-            if p.is_dir()
-            else p.with_name(f"{p.stem}.{split}.eval.json")
-        )
     record = {
         "checkpoint": run.path,
         "model": run.name,

@@ -8,6 +8,11 @@ POSIX and Windows). A reader sees the old file or the new one, two writers of th
 never share a temporary file, and a failed write leaves the destination untouched and no
 temporary file behind.
 
+An operating-system error while writing (disk full, read-only file system, permission
+denied) becomes a :class:`RunDirError`: one line naming the path and the cause, which the
+commands print as ``capsnet: error: ...``. :func:`check_writable` asks the question before
+long work.
+
 >>> from capsnet.io import atomic_write, write_json
 >>> write_json("runs/demo/summary.json", {"accuracy": 0.99})  # doctest: +SKIP
 """
@@ -15,6 +20,7 @@ temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -22,7 +28,69 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "write_json", "write_flushed"]
+__all__ = [
+    "RunDirError",
+    "os_error",
+    "check_writable",
+    "atomic_path",
+    "atomic_write",
+    "write_json",
+    "write_flushed",
+]
+
+_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class RunDirError(OSError, RuntimeError):
+    """A file of a run (or any output) could not be written: disk full, read-only file
+    system, permission denied, ... ``str(err)`` is one line naming the path and the cause;
+    ``errno`` and ``filename`` are those of the underlying :class:`OSError`. It is also a
+    :class:`RuntimeError`, so the commands report it as ``capsnet: error: ...``."""
+
+    def __init__(self, message: str, *, errno_: int | None = None, filename: Any = None):
+        super().__init__(message)
+        self.errno = errno_
+        self.filename = None if filename is None else str(filename)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def os_error(err: OSError, path: str | os.PathLike, action: str = "write") -> RunDirError:
+    """``err`` as a :class:`RunDirError`: ``cannot ACTION PATH: CAUSE (ERRNO)``."""
+    if isinstance(err, RunDirError):
+        return err
+    code = err.errno
+    cause = _CAUSES.get(code or 0) or (err.strerror or str(err) or type(err).__name__)
+    name = errno.errorcode.get(code or 0)
+    text = f"cannot {action} {path}: {cause}" + (f" ({name})" if name else "")
+    return RunDirError(text, errno_=code, filename=path)
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make sure files can be created in ``folder`` (created if missing), before long work.
+
+    Raises:
+        RunDirError: the folder cannot be created or written (read-only, full, no access).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".capsnet-write-check.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise os_error(err, folder, "write to") from err
+    return folder
 
 
 def write_flushed(path: str | os.PathLike, data: bytes | str) -> None:
@@ -32,10 +100,15 @@ def write_flushed(path: str | os.PathLike, data: bytes | str) -> None:
     :func:`capsnet.checkpoint.save_checkpoint`); everything else uses :func:`atomic_write`.
     """
     raw = data.encode() if isinstance(data, str) else data
-    with open(path, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # nothing half-written stays behind
+        raise os_error(err, path) from err
 
 
 def _fsync_file(path: Path) -> None:
@@ -62,8 +135,11 @@ def atomic_path(dest: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             fig.savefig(tmp, format="png")
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as err:
+        raise os_error(err, dest) from err
     os.close(fd)
     tmp = Path(name)
     try:
@@ -71,9 +147,13 @@ def atomic_path(dest: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        # The caller's own errors (a failed download, ...) pass unchanged; the file
+        # system's refusals become one line naming the file.
+        if isinstance(err, OSError) and not isinstance(err, RunDirError) and err.errno in _CAUSES:
+            raise os_error(err, dest) from err
         raise
 
 

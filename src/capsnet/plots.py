@@ -468,7 +468,8 @@ def plot_training_curves(
 
     Numeric keys are grouped by their suffix after a split prefix (``train_loss`` and
     ``test_loss`` share the ``loss`` panel; ``train_accuracy`` and ``test_accuracy`` the
-    ``accuracy`` panel). Rows lacking a key are skipped for that key.
+    ``accuracy`` panel); a note in parentheses stays in the legend only (``train_loss
+    (final margin)`` is a loss curve). Rows lacking a key are skipped for that key.
 
     Args:
         rows: dicts, one per logged step or epoch.
@@ -493,6 +494,7 @@ def plot_training_curves(
         if k in skip:
             continue
         family = next((k[len(p) :] for p in prefixes if k.startswith(p)), k)
+        family = family.split(" (")[0]  # "loss (final margin)" is a loss curve
         families.setdefault(family, []).append(k)
     if not families:
         raise ValueError(f"metrics rows hold no numeric series besides {x_key!r}")

@@ -13,13 +13,24 @@ the global batch, so a run resumes with any number of ranks.
 Exact resume: the last checkpoint (written every ``checkpoint_every`` steps and after each
 epoch) holds the optimiser, scheduler and RNG states and the position inside the epoch;
 the data loader is re-seeded per epoch, so a resumed single-process run continues with the
-very batches and random numbers the uninterrupted run would have used.
+very batches and random numbers the uninterrupted run would have used. The previous
+``keep_checkpoints - 1`` last checkpoints stay as ``step-N``; a resume verifies each
+checkpoint's checksums and falls back to the newest good one, saying what it skipped.
+
+Safety (docs/training.md): the run directory is locked for the whole run (one writer;
+:mod:`capsnet.runlock`); a non-finite loss or gradient stops the run with
+:class:`NonFiniteError` naming the step (or skips up to ``skip_nonfinite_steps`` such
+steps), non-finite input pixels are refused, and a non-finite model is never saved;
+SIGTERM and SIGINT save a checkpoint at the next step boundary, print how to resume and
+raise :class:`TrainingInterrupted` (exit status 128 + signal number).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,13 +42,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from capsnet import distributed, models
-from capsnet.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from capsnet.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from capsnet.config import RunConfig, config_from_dict
 from capsnet.distributed import DistContext
 from capsnet.evaluate import EvalResult, evaluate
 from capsnet.io import write_json
 from capsnet.objectives import compute_loss, resolve_loss, two_digit_loss
-from capsnet.runlog import RunLog, epoch_summary, final_report
+from capsnet.runlock import RunLock
+from capsnet.runlog import RunLog, epoch_summary, final_report, progress_line, show_progress
 from capsnet.schedules import lr_factor, spread_margin
 
 # compute_loss and two_digit_loss live in capsnet.objectives; re-exported here (the trainer
@@ -46,6 +64,8 @@ __all__ = [
     "train",
     "resume_config",
     "TrainResult",
+    "NonFiniteError",
+    "TrainingInterrupted",
     "compute_loss",
     "two_digit_loss",
     "RESUME_OVERRIDES",
@@ -57,6 +77,26 @@ RESUME_OVERRIDES = (
     "limit_eval_batches", "eval_every", "eval_batch_size",
 )  # fmt: skip
 """Config fields ``--resume`` may change; the others would break the continuation."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient, input pixel or parameter; the message
+    names the step (and the batch)."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM or SIGINT stopped a run at a step boundary (after saving a checkpoint).
+
+    A :class:`SystemExit` whose ``code`` is the conventional ``128 + signum`` (143 for
+    SIGTERM, 130 for SIGINT), so the ``capsnet`` command exits with it; ``checkpoint`` is
+    the file saved (None when none could be), ``message`` what was printed.
+    """
+
+    def __init__(self, signum: int, run_dir: Path, checkpoint: Path | None, message: str):
+        super().__init__(128 + signum)
+        self.signum, self.run_dir, self.checkpoint, self.message = (
+            signum, run_dir, checkpoint, message,
+        )  # fmt: skip
 
 
 @dataclass
@@ -82,7 +122,7 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"cannot resume: {run_dir / 'config.json'} does not exist")
-    if not checkpoint_exists(run_dir, "last"):
+    if not list_checkpoints(run_dir):
         raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
     saved = json.loads((run_dir / "config.json").read_text())
     bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and saved.get(k) != v)
@@ -109,22 +149,26 @@ def train(config: RunConfig, *, resume: bool = False) -> TrainResult:
 
 
 class _Meter:
-    """Sums of loss, correct predictions and examples, kept on the device (no syncs)."""
+    """Sums of loss, correct predictions, examples and the loss under the final spread
+    margin, kept on the device (no syncs)."""
 
     def __init__(self, device: torch.device, sums: list[float] | None = None) -> None:
-        self.sums = torch.tensor(sums or [0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+        sums = list(sums or [])
+        sums += [0.0] * (4 - len(sums))  # checkpoints before the final-margin loss: 3
+        self.sums = torch.tensor(sums, dtype=torch.float64, device=device)
 
-    def add(self, loss: Tensor, correct: Tensor) -> None:
+    def add(self, loss: Tensor, correct: Tensor, final_loss: Tensor | None = None) -> None:
         n = correct.shape[0]
         correct = correct.sum()
+        final = (loss if final_loss is None else final_loss).detach().double()
         self.sums += torch.stack(
-            [loss.detach().double() * n, correct.double(), loss.new_tensor(n).double()]
+            [loss.detach().double() * n, correct.double(), loss.new_tensor(n).double(), final * n]
         )
 
-    def reduced(self) -> tuple[float, float, int]:
-        """(mean loss, accuracy, examples) over every rank."""
-        loss, correct, n = distributed.all_reduce_sum(self.sums.clone()).tolist()
-        return loss / max(n, 1), correct / max(n, 1), int(n)
+    def reduced(self) -> tuple[float, float, int, float]:
+        """(mean loss, accuracy, examples, mean loss under the final margin) over every rank."""
+        loss, correct, n, final = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        return loss / max(n, 1), correct / max(n, 1), int(n), final / max(n, 1)
 
 
 def _command_line() -> str:
@@ -140,8 +184,6 @@ class Trainer:
     """Builds data, model, optimiser and schedule from a config and runs the epochs."""
 
     def __init__(self, cfg: RunConfig, ctx: DistContext, *, resume: bool = False) -> None:
-        from capsnet import data
-
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         if cfg.batch_size % ctx.world_size:
             raise ValueError(
@@ -150,7 +192,18 @@ class Trainer:
             )
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
+        self.lock = RunLock(Path("."))  # replaced by the run directory's (rank 0)
         self.run_dir = self._run_dir(resume)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        from capsnet import data
+
+        cfg, ctx = self.cfg, self.ctx
         # Data: rank 0 first, so a download happens once.
         kw = {"root": cfg.data_root, "download": cfg.download, **cfg.data_kwargs}
         for turn in (0, 1):
@@ -225,8 +278,14 @@ class Trainer:
             decay_steps=cfg.lr_decay_steps, staircase=cfg.lr_staircase,
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None}
+        self.state: dict[str, Any] = {
+            "epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "skipped_steps": 0,
+        }  # fmt: skip
         self.epoch_sums: list[float] | None = None
+        self.window_sums: list[float] | None = None
+        self.stop_signal: int | None = None
+        self.skip_limit = int(getattr(cfg, "skip_nonfinite_steps", 0) or 0)
+        self.keep = max(1, int(getattr(cfg, "keep_checkpoints", 2) or 1))
         self.log = RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
         if resume:
             self._resume()
@@ -242,20 +301,41 @@ class Trainer:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             name = str(Path("runs") / f"{cfg.recipe or cfg.model}-{cfg.dataset}-{stamp}")
         run_dir = Path(distributed.broadcast_object(name))
-        if resume:
-            if not checkpoint_exists(run_dir, "last"):
-                raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
-        elif checkpoint_exists(run_dir, "last"):
-            raise FileExistsError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
-                f"choose another --output-dir"
-            )
-        if self.ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:  # a run that died before its first checkpoint starts over
+        error: BaseException | None = None
+        if self.ctx.is_main:  # one writer per run directory, for the whole run
+            try:
+                self.lock = RunLock(run_dir).acquire()
+            except RuntimeError as err:  # RunLockedError, RunDirError
+                error = err
+        message = distributed.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(message)
+        try:
+            if resume:
+                if not list_checkpoints(run_dir):
+                    raise FileNotFoundError(f"cannot resume: {run_dir} holds no last checkpoint")
+            elif list_checkpoints(run_dir):
+                raise FileExistsError(
+                    f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
+                    f"choose another --output-dir"
+                )
+            if self.ctx.is_main and not resume:
+                # a run that died before its first checkpoint starts over
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
         distributed.barrier()
         return run_dir
+
+    def close(self) -> None:
+        """Release the run directory's lock and close the logs (also after a failure)."""
+        self.lock.release()
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
 
     def _split(self, ds: Any) -> tuple[Any, Any]:
         """Fixed random subsets for ``val_samples`` and ``train_samples`` (seeded)."""
@@ -273,21 +353,60 @@ class Trainer:
         return ds.subset(rest.sort().values), val_ds
 
     def _resume(self) -> None:
-        record = load_checkpoint(self.run_dir, "last", self.model, self.optimizer, self.scheduler)
+        """Load the newest good checkpoint (``last``, else ``step-N``), saying what was
+        skipped and why; a damaged ``last`` is renamed ``*.corrupt`` (kept, not reused)."""
+        skipped: list[tuple[str, str]] = []
+        record, used = None, "last"
+        for used in list_checkpoints(self.run_dir):
+            try:
+                verify_checkpoint(self.run_dir, used)
+                record = load_checkpoint(
+                    self.run_dir, used, self.model, self.optimizer, self.scheduler
+                )
+                break
+            except (CheckpointError, RuntimeError) as err:  # damaged / inconsistent
+                skipped.append((used, str(err)))
+        if record is None:
+            raise CheckpointError(
+                f"cannot resume {self.run_dir}: no usable checkpoint ("
+                + "; ".join(f"{tag}: {why}" for tag, why in skipped)
+                + ")"
+            )
+        distributed.barrier()
+        for tag, why in skipped:
+            self._warn(f"skipped checkpoint {tag!r}: {why}")
+            if tag == "last" and self.ctx.is_main:
+                for path in self.run_dir.glob("last.*"):
+                    if not path.name.endswith(".corrupt"):
+                        path.replace(path.with_name(path.name + ".corrupt"))
         for key in self.state:
-            self.state[key] = record[key]
+            self.state[key] = record.get(key, self.state[key])
         self.epoch_sums = record.get("epoch_sums")
+        self.window_sums = record.get("window_sums")
         if self.ctx.rank > 0:  # rank 0's generator was restored; keep the others distinct
             torch.manual_seed(self.cfg.seed + 1 + self.ctx.rank + 7919 * self.state["step"])
-        self.log.truncate(self.state["step"])
+        for note in self.log.truncate(self.state["step"]):
+            self._warn(note + " (the file is repaired)")
         self._print(
             f"resuming {self.run_dir} at epoch {self.state['epoch'] + 1}, "
             f"batch {self.state['batch_in_epoch']}, step {self.state['step']}"
+            + (f" (from checkpoint {used!r})" if skipped else "")
         )
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
+        """Run the remaining epochs; the lock is released and the logs closed at the end,
+        however it ends."""
+        handlers = self._catch_signals()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            self.close()
+
+    def _fit(self) -> TrainResult:
         cfg, st = self.cfg, self.state
         params = sum(p.numel() for p in self.model.parameters())
         self._print(
@@ -320,6 +439,8 @@ class Trainer:
             self.log.write(record)
             self._print(epoch_summary(record, cfg.epochs, cfg.eval_split))
             self._save("last", record)
+            if self._stop_requested() and epoch + 1 < cfg.epochs:
+                raise self._interrupted(saved=True)
         if final is None:  # resumed after the last epoch had finished
             final = self._evaluate_all({})
         if self.ctx.is_main:
@@ -327,7 +448,6 @@ class Trainer:
             self.log.write({"kind": "end", "step": st["step"], "best": st["best"]})
             plot = self.log.plot(cfg.eval_split) if cfg.plot else None
             self._print(final_report(self.run_dir, final, st["best"], cfg.eval_split, plot))
-        self.log.close()
         distributed.barrier()
         return TrainResult(self.run_dir, final, st["best"])
 
@@ -337,30 +457,33 @@ class Trainer:
         start = st["batch_in_epoch"]
         # A mid-epoch resume continues the epoch's sums from the checkpoint.
         meter = _Meter(self.device, self.epoch_sums if start else None)
-        window = _Meter(self.device)
-        self.epoch_sums = None
+        # The rolling window of the train log continues too (a resumed run logs the same).
+        window = _Meter(self.device, self.window_sums if start else None)
+        self.epoch_sums = self.window_sums = None
         # Spread-loss margin: +margin_per_epoch per whole epoch, 0.2 -> 0.9 ([H18] §3.1).
         margin = spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
+        bars = show_progress(cfg.progress and self.ctx.is_main)
         bar = tqdm(
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (cfg.progress and self.ctx.is_main), unit="batch", dynamic_ncols=True,
+            disable=not bars, unit="batch", dynamic_ncols=True,
         )  # fmt: skip
-        tic = window_tic = time.perf_counter()
+        tic = window_tic = line_tic = time.perf_counter()
         for i, batch in self._batches(epoch, start):
-            loss, correct = self._forward_loss(batch, margin)
+            loss, correct, final_loss = self._forward_loss(batch, margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            finite = self._check_step(batch[0], loss, epoch, i)
+            if finite:
+                self.optimizer.step()
             self.scheduler.step()
             st["step"] += 1
             st["batch_in_epoch"] = i + 1
-            meter.add(loss, correct)
-            window.add(loss, correct)
+            if finite:
+                meter.add(loss, correct, final_loss)
+                window.add(loss, correct, final_loss)
             bar.update()
             if st["step"] % cfg.log_every == 0 or i + 1 == self.steps_per_epoch:
-                w_loss, w_acc, w_n = window.reduced()
+                w_loss, w_acc, w_n, w_final = window.reduced()
                 speed = w_n / (time.perf_counter() - window_tic)
                 bar.set_postfix(
                     loss=f"{w_loss:.4f}", acc=f"{100 * w_acc:.1f}%", img_s=f"{speed:.0f}"
@@ -370,20 +493,133 @@ class Trainer:
                     "epoch": round(epoch + (i + 1) / self.steps_per_epoch, 4),
                     "loss": w_loss, "accuracy": w_acc, "lr": self.scheduler.get_last_lr()[0],
                     "images_per_s": round(speed, 1),
-                    **({"margin": margin} if self.loss_kind == "spread" else {}),
+                    **({"margin": margin, "loss_at_final_margin": w_final}
+                       if self.loss_kind == "spread" else {}),
                 })  # fmt: skip
+                if cfg.progress and not bars and time.perf_counter() - line_tic >= 10:
+                    line_tic = time.perf_counter()  # a redirected log: a line, not a bar
+                    steps = self.steps_per_epoch
+                    line = progress_line(epoch + 1, cfg.epochs, i + 1, steps, w_loss, w_acc, speed)
+                    self._print(line)
                 window, window_tic = _Meter(self.device), time.perf_counter()
-            if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+            stop = self._stop_requested()
+            if stop or (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0):
                 if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
                     self.epoch_sums = meter.sums.tolist()
+                    self.window_sums = window.sums.tolist()
                     self._save("last", None)
+                    if stop:
+                        bar.close()
+                        raise self._interrupted(saved=True)
         bar.close()
         self.epoch_sums = None  # the epoch is complete; nothing to continue
-        epoch_loss, acc, _ = meter.reduced()
+        epoch_loss, acc, _, _ = meter.reduced()
         return epoch_loss, acc, time.perf_counter() - tic
 
-    def _forward_loss(self, batch: tuple[Tensor, ...], margin: float) -> tuple[Tensor, Tensor]:
-        """Loss and per-example correctness of one batch."""
+    # ------------------------------------------------------------------ faults
+
+    def _check_step(self, images: Tensor, loss: Tensor, epoch: int, i: int) -> bool:
+        """After ``backward``: True to take the step, False to skip it (a non-finite loss
+        or gradient within ``skip_nonfinite_steps``); raises :class:`NonFiniteError`
+        otherwise and for non-finite input pixels. One host sync per step; under DDP the
+        ranks decide together (and agree on a pending signal)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip is not None:
+            norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        flags = torch.stack([
+            ~torch.isfinite(images).all(), ~torch.isfinite(loss.detach()).all(),
+            ~torch.isfinite(norm), torch.tensor(self.stop_signal is not None, device=norm.device),
+        ]).double()  # fmt: skip
+        if self.ctx.is_distributed:
+            flags = distributed.all_reduce_sum(flags)
+        bad_input, bad_loss, bad_grad, stop = (v > 0 for v in flags.tolist())
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank was signalled
+        step = self.state["step"] + 1
+        where = f"step {step} (epoch {epoch + 1}, batch {i + 1})"
+        if bad_input:
+            raise NonFiniteError(
+                f"batch {i + 1} of epoch {epoch + 1} (step {step}) has non-finite input "
+                f"pixels (NaN or inf); check the dataset {self.cfg.dataset!r} and its "
+                f"transforms. Nothing of this step was applied."
+            )
+        if not (bad_loss or bad_grad):
+            return True
+        what = "loss" if bad_loss else "gradient"
+        skipped = self.state.get("skipped_steps", 0)
+        if skipped < self.skip_limit:
+            self.state["skipped_steps"] = skipped + 1
+            self._warn(
+                f"non-finite {what} at {where}: step skipped "
+                f"({skipped + 1} of at most {self.skip_limit})"
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        resume = self._latest_checkpoint()
+        raise NonFiniteError(
+            f"non-finite {what} at {where}; training stopped before applying it"
+            + (f" ({self.skip_limit} bad steps skipped already)" if self.skip_limit else "")
+            + ". Lower --lr, set --grad-clip, or allow skipping (skip_nonfinite_steps)"
+            + (f"; the last good checkpoint is {resume}" if resume else "")
+        )
+
+    def _model_is_finite(self) -> bool:
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
+                    .all().item())  # fmt: skip
+
+    def _latest_checkpoint(self) -> Path | None:
+        tags = list_checkpoints(self.run_dir)
+        return self.run_dir / f"{tags[0]}.safetensors" if tags else None
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """SIGTERM / SIGINT set :attr:`stop_signal`; the loop saves at the next step
+        boundary. A second Ctrl-C stops at once, without saving."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise self._interrupted(saved=False, signum=signum)
+            self.stop_signal = signum
+            if self.ctx.is_main:
+                print(
+                    f"\ncapsnet: {signal.Signals(signum).name} received: saving a checkpoint "
+                    f"after this step (Ctrl-C again to stop without saving)",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_requested(self) -> bool:
+        return self.stop_signal is not None
+
+    def _interrupted(self, *, saved: bool, signum: int | None = None) -> TrainingInterrupted:
+        """The exception that ends an interrupted run, after printing where it stands."""
+        signum = signum or self.stop_signal or signal.SIGINT
+        name, st = signal.Signals(signum).name, self.state
+        checkpoint = self._latest_checkpoint()
+        where = f"step {st['step']} (epoch {st['epoch'] + 1}, batch {st['batch_in_epoch']})"
+        if saved:
+            text = f"stopped by {name} at {where}; checkpoint saved: {checkpoint}"
+        elif checkpoint is not None:
+            text = f"stopped by {name} without saving; the newest checkpoint is {checkpoint}"
+        else:
+            text = f"stopped by {name} before the first checkpoint: nothing can be resumed"
+        if checkpoint is not None:
+            text += f"\ncontinue with: capsnet train --resume {self.run_dir}"
+        else:
+            text += "; run the same command again to start over"
+        if self.ctx.is_main:
+            print(f"capsnet: {text}", file=sys.stderr, flush=True)
+        return TrainingInterrupted(signum, self.run_dir, checkpoint, text)
+
+    def _forward_loss(
+        self, batch: tuple[Tensor, ...], margin: float
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Loss, per-example correctness and (a ramping spread margin) the loss under the
+        final margin, which evaluation uses, of one batch."""
         cfg = self.cfg
         images, labels = batch[0], batch[1]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -393,7 +629,14 @@ class Trainer:
                     self.loss_kind, out, images, labels, margin=margin,
                     reconstruction_weight=cfg.reconstruction_weight,
                 )  # fmt: skip
-                return loss, correct_predictions(out.scores, labels)
+                final = None
+                if self.loss_kind == "spread" and margin != cfg.margin_stop:
+                    with torch.no_grad():
+                        final = compute_loss(
+                            self.loss_kind, out, images, labels, margin=cfg.margin_stop,
+                            reconstruction_weight=cfg.reconstruction_weight,
+                        )  # fmt: skip
+                return loss, correct_predictions(out.scores, labels), final
             idx = batch[2]
             labels2 = self.train_ds.labels2[idx].to(self.device)
             parts = self.train_ds.components(idx).to(self.device, torch.float32) / 255
@@ -401,7 +644,7 @@ class Trainer:
                 self.model, out, labels, labels2, parts,
                 reconstruction_weight=cfg.reconstruction_weight,
             )  # fmt: skip
-        return loss, correct_predictions(out.scores, labels, labels2)
+        return loss, correct_predictions(out.scores, labels, labels2), None
 
     def _batches(self, epoch: int, start: int):
         """``(index, batch)`` of ``epoch`` from batch ``start`` (mid-epoch resume).
@@ -436,7 +679,8 @@ class Trainer:
             results[name] = evaluate(
                 self.model, loader, num_classes=len(self.classes), classes=self.classes,
                 capsule_scores=self.capsule_scores, loss_fn=loss_fn, precision=cfg.precision,
-                limit_batches=cfg.limit_eval_batches, progress=cfg.progress and self.ctx.is_main,
+                limit_batches=cfg.limit_eval_batches,
+                progress=show_progress(cfg.progress and self.ctx.is_main),
                 # labels2: an extra of two-digit data, set with setattr (no static attribute)
                 labels2=getattr(loader.dataset, "labels2") if self.two_digits else None,  # noqa: B009
             )  # fmt: skip
@@ -458,17 +702,29 @@ class Trainer:
     def _save(self, tag: str, record: dict[str, Any] | None) -> None:
         if not self.ctx.is_main:
             return
+        if not self._model_is_finite():  # never save (or select as best) a broken model
+            raise NonFiniteError(
+                f"the model's parameters are non-finite after step {self.state['step']} "
+                f"(epoch {self.state['epoch'] + 1}); not saving checkpoint {tag!r}. Lower "
+                f"--lr or set --grad-clip"
+            )
         state = {**self.state, "world_size": self.ctx.world_size, "metrics": record}
         if tag == "last":
             state["epoch_sums"] = self.epoch_sums
+            state["window_sums"] = self.window_sums
         save_checkpoint(
             self.run_dir, tag, self.model, model_name=self.cfg.model,
             model_kwargs=self.model_kwargs, config=self.cfg.to_dict(), trainer_state=state,
             optimizer=self.optimizer if tag == "last" else None,
-            scheduler=self.scheduler if tag == "last" else None,
+            scheduler=self.scheduler if tag == "last" else None, keep=self.keep,
         )  # fmt: skip
 
     def _print(self, text: str) -> None:
         if self.ctx.is_main:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
+
+    def _warn(self, text: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(f"capsnet: warning: {text}", file=sys.stderr)
+            sys.stderr.flush()
