@@ -101,8 +101,11 @@ def test_lock_in_process_and_stale_lock_file(tmp_path):
 
 def test_infinite_lr_stops_at_the_step_and_saves_no_broken_model(data_root, tmp_path):
     run = tmp_path / "run"
+    with pytest.raises(ValueError, match="lr must be a finite number"):  # refused up front
+        tiny_config(data_root, run, lr=float("inf"))
+    # A finite lr so large that the first update overflows the weights: step 2 is non-finite.
     with pytest.raises(NonFiniteError, match=r"non-finite (loss|gradient) at step 2 "):
-        train(tiny_config(data_root, run, lr=float("inf")))
+        train(tiny_config(data_root, run, lr=1e30))
     assert not (run / "best.safetensors").exists()
     assert not (run / ".lock").exists()
 
@@ -287,3 +290,25 @@ def test_matrix_curves_compare_like_with_like(tmp_path):
                "margin": 0.2, "loss_at_final_margin": 0.8})  # fmt: skip
     log.write({"kind": "epoch", "step": 2, "epoch": 1, "test_loss": 0.7, "test_accuracy": 0.6})
     assert log.plot("test") == tmp_path / "curves.png"
+
+
+def test_cli_reports_a_nan_stop_in_one_line_and_checkpoints_carry_class_names(
+    data_root, tmp_path, capsys
+):
+    import json
+
+    from safetensors import safe_open
+
+    from capsnet.cli import main
+    from training_helpers import tiny_flags
+
+    run = tmp_path / "nan"
+    assert main(["train", *tiny_flags(data_root, run), "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "capsnet: error: " in err and "non-finite" in err and "Traceback" not in err
+    ok = tmp_path / "ok"
+    assert main(["train", *tiny_flags(data_root, ok), "--epochs", "1"]) == 0
+    with safe_open(str(ok / "best.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["class_names"]) == [str(k) for k in range(10)]
+    assert json.loads(meta["preprocessing"])["dataset"] == "mnist"

@@ -277,6 +277,7 @@ def save_checkpoint(
     scheduler: Any = None,
     rng: bool = True,
     keep: int = 1,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
     """Write checkpoint ``tag`` of a run (see the module docstring for the files).
 
@@ -292,6 +293,8 @@ def save_checkpoint(
         keep: for ``tag="last"``: how many checkpoints to keep, this one included; the
             previous ``last`` becomes ``step-N`` (N its step) and older ``step-N`` beyond
             ``keep - 1`` are deleted.
+        extra_metadata: more string entries for the weights file's metadata (the trainer
+            stores ``class_names`` and ``preprocessing``, which ``capsnet predict`` reads).
 
     Raises:
         capsnet.io.RunDirError: a file could not be written (disk full, read-only, ...);
@@ -309,6 +312,7 @@ def save_checkpoint(
         "config": json.dumps(config),
         "epoch": str(trainer_state.get("epoch", "")),
         "step": str(trainer_state.get("step", "")),
+        **(extra_metadata or {}),
     }
     files: dict[str, bytes | str] = {"weights": _with_checksum(st_save(weights, metadata=meta))}
     record = {"format": _FORMAT, "checkpoint_id": checkpoint_id, **trainer_state}

@@ -165,7 +165,8 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[RunConfig, bool]:
 
 def _train(args: argparse.Namespace) -> int:
     from capsnet import distributed
-    from capsnet.train import Trainer
+    from capsnet.checkpoint import list_checkpoints
+    from capsnet.train import Trainer, TrainingInterrupted
 
     try:
         cfg, resume = resolve_train_config(args)
@@ -178,22 +179,26 @@ def _train(args: argparse.Namespace) -> int:
         ctx = distributed.setup(cfg.dist_backend, cfg.device, cfg.dist_timeout)
     except USER_ERRORS as err:
         return fail(str(err))
+    trainer = None
     try:
-        try:
-            trainer = Trainer(cfg, ctx, resume=resume)
-        except USER_ERRORS as err:
-            if os.environ.get("CAPSNET_TRACEBACK"):
-                raise
-            return fail(f"{err}\n(set CAPSNET_TRACEBACK=1 for the traceback)")
-        try:
-            trainer.fit()
-        except KeyboardInterrupt:
-            if ctx.is_main:
-                print(
-                    f"\ninterrupted; continue with: capsnet train --resume {trainer.run_dir}",
-                    file=sys.stderr,
-                )
-            return 130
+        trainer = Trainer(cfg, ctx, resume=resume)
+        trainer.fit()
+    except TrainingInterrupted as stop:  # SIGTERM / SIGINT: the trainer saved and said how
+        return int(stop.code) if isinstance(stop.code, int) else 130
+    except KeyboardInterrupt:  # during setup, before the trainer's handlers are in place
+        if ctx.is_main:
+            run_dir = getattr(trainer, "run_dir", None)
+            if run_dir is not None and list_checkpoints(run_dir):
+                print(f"\ninterrupted; continue with: capsnet train --resume {run_dir}",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                print("\ninterrupted before the first checkpoint: nothing to resume",
+                      file=sys.stderr)  # fmt: skip
+        return 130
+    except USER_ERRORS as err:  # bad config, NaN stop, full disk, corrupt checkpoint, ...
+        if os.environ.get("CAPSNET_TRACEBACK"):
+            raise
+        return fail(f"{err}\n(set CAPSNET_TRACEBACK=1 for the traceback)")
     finally:
         distributed.cleanup(ctx)
     return 0

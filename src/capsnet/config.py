@@ -122,6 +122,12 @@ class RunConfig:
     # ---------------------------------------------------------------- run directory, logging
     output_dir: str | None = _f(None, "run directory (default: runs/<model>-<dataset>-<time>)")
     checkpoint_every: int = _f(500, "also save the last checkpoint every N steps (0: per epoch)")
+    keep_checkpoints: int = _f(
+        2, "checkpoints kept for resume: last plus the previous N-1 as step-N"
+    )
+    skip_nonfinite_steps: int = _f(
+        0, "skip up to N steps whose loss or gradient is NaN/inf instead of stopping"
+    )
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     log_every: int = _f(50, "write train metrics every N steps")
     limit_train_batches: int | None = _f(None, "smoke test: at most N train batches per epoch")
@@ -261,12 +267,15 @@ def _check_values(cfg: RunConfig) -> None:
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     positive = ["epochs", "batch_size", "eval_batch_size", "lr_decay_steps", "eval_every"]
     positive += ["log_every", "iterations", "train_samples", "num_threads"]
-    positive += ["limit_train_batches", "limit_eval_batches"]
+    positive += ["limit_train_batches", "limit_eval_batches", "keep_checkpoints"]
     for name in positive:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    for name in ("val_samples", "checkpoint_every", "seed", "weight_decay", "momentum"):
+    for name in (
+        "val_samples", "checkpoint_every", "seed", "weight_decay", "momentum",
+        "skip_nonfinite_steps",
+    ):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS:

@@ -54,6 +54,7 @@ from capsnet.distributed import DistContext
 from capsnet.evaluate import EvalResult, evaluate
 from capsnet.io import write_json
 from capsnet.objectives import compute_loss, resolve_loss, two_digit_loss
+from capsnet.predict import preprocessing_metadata
 from capsnet.runlock import RunLock
 from capsnet.runlog import RunLog, epoch_summary, final_report, progress_line, show_progress
 from capsnet.schedules import lr_factor, spread_margin
@@ -74,7 +75,8 @@ __all__ = [
 RESUME_OVERRIDES = (
     "epochs", "device", "num_threads", "data_root", "download", "progress", "tensorboard",
     "plot", "dist_backend", "dist_timeout", "checkpoint_every", "log_every",
-    "limit_eval_batches", "eval_every", "eval_batch_size",
+    "limit_eval_batches", "eval_every", "eval_batch_size", "keep_checkpoints",
+    "skip_nonfinite_steps",
 )  # fmt: skip
 """Config fields ``--resume`` may change; the others would break the continuation."""
 
@@ -213,6 +215,8 @@ class Trainer:
             distributed.barrier()
         self.train_ds, self.val_ds = self._split(train_ds)
         self.classes = list(self.eval_ds.classes)
+        # class names and evaluation preprocessing, for `capsnet predict` (checkpoint metadata)
+        self.checkpoint_metadata = preprocessing_metadata(self.eval_ds)
         # MultiMNIST: two digits per image (labels2) and their separate images.
         self.two_digits = "labels2" in getattr(train_ds, "extras", ())
         self.loader = data.BatchLoader(
@@ -284,8 +288,8 @@ class Trainer:
         self.epoch_sums: list[float] | None = None
         self.window_sums: list[float] | None = None
         self.stop_signal: int | None = None
-        self.skip_limit = int(getattr(cfg, "skip_nonfinite_steps", 0) or 0)
-        self.keep = max(1, int(getattr(cfg, "keep_checkpoints", 2) or 1))
+        self.skip_limit = int(cfg.skip_nonfinite_steps)
+        self.keep = max(1, int(cfg.keep_checkpoints))
         self.log = RunLog(self.run_dir, ctx.is_main, cfg.tensorboard)
         if resume:
             self._resume()
@@ -717,6 +721,7 @@ class Trainer:
             model_kwargs=self.model_kwargs, config=self.cfg.to_dict(), trainer_state=state,
             optimizer=self.optimizer if tag == "last" else None,
             scheduler=self.scheduler if tag == "last" else None, keep=self.keep,
+            extra_metadata=self.checkpoint_metadata,
         )  # fmt: skip
 
     def _print(self, text: str) -> None:
