@@ -302,3 +302,46 @@ def test_runlog_tensorboard_and_truncate(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     RunLog(tmp_path, enabled=False, tensorboard=True).write({"kind": "x", "step": 9})
     assert len(read_metrics(tmp_path)) == 2
+
+
+def test_validation_split_by_default_fixed_across_seeds_and_used_for_best(tmp_path):
+    from capsnet import distributed
+    from capsnet.train import Trainer, default_val_samples, train
+    from training_helpers import make_mnist, tiny_config
+
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=40)
+    assert default_val_samples(64) == 6 and default_val_samples(60_000) == 5000
+    ctx = distributed.setup("auto", "cpu", 60.0)
+
+    def val_images(cfg):
+        trainer = Trainer(cfg, ctx)
+        try:
+            assert len(trainer.val_ds) + len(trainer.train_ds) == 64
+            return len(trainer.val_ds), trainer.val_ds.images.clone()
+        finally:
+            trainer.close()
+
+    n0, seed0 = val_images(tiny_config(root, tmp_path / "r0", val_samples=None, seed=0))
+    n1, seed1 = val_images(tiny_config(root, tmp_path / "r1", val_samples=None, seed=1))
+    assert n0 == n1 == 6 and torch.equal(seed0, seed1)  # the same images for every seed
+    _, legacy = val_images(tiny_config(root, tmp_path / "r2", val_samples=6, val_seed=None, seed=1))
+    assert not torch.equal(legacy, seed0)  # runs before val_seed: drawn with the train seed
+    result = train(tiny_config(root, tmp_path / "sel", val_samples=None, epochs=1))
+    assert result.best["selected_on"] == "val" and "test_accuracy" in result.best
+
+
+def test_snapshots_per_epoch_are_kept_and_load(tmp_path):
+    import capsnet
+    from capsnet.checkpoint import list_checkpoints
+    from capsnet.train import train
+    from training_helpers import make_mnist, tiny_config
+
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=40)
+    run = train(tiny_config(root, tmp_path / "run", snapshots_per_epoch=2)).run_dir
+    snaps = sorted(p.stem for p in run.glob("snapshot-*.safetensors"))
+    assert snaps == ["snapshot-2", "snapshot-4", "snapshot-6", "snapshot-8"]  # 4 steps/epoch
+    assert all(not t.startswith("snapshot") for t in list_checkpoints(run))  # not resumable
+    last = capsnet.load(run, which="last")
+    final = capsnet.load(run / "snapshot-8.safetensors")
+    for a, b in zip(last.state_dict().values(), final.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -65,6 +65,7 @@ def tiny_config(data_root: Path, run_dir: Path, **overrides):
         data_kwargs={"verify": False},
         data_root=str(data_root),
         epochs=2,
+        val_samples=0,  # all 64 images train: the tests count steps (the default holds 6 out)
         batch_size=16,
         eval_batch_size=32,
         lr=3e-3,
@@ -85,6 +86,7 @@ def tiny_flags(data_root: Path, run_dir: Path) -> list[str]:
     """The command-line flags equivalent to :func:`tiny_config`."""
     flags = ["--model", "capsnet", "--dataset", "mnist", "--data-root", str(data_root)]
     flags += ["--data-kwarg", "verify=false", "--epochs", "2", "--batch-size", "16"]
+    flags += ["--val-samples", "0"]
     flags += ["--eval-batch-size", "32", "--lr", "0.003", "--seed", "0", "--device", "cpu"]
     flags += ["--num-threads", "1", "--output-dir", str(run_dir), "--checkpoint-every", "0"]
     flags += ["--log-every", "2", "--no-progress", "--no-plot"]

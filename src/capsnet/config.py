@@ -90,7 +90,18 @@ class RunConfig:
     data_root: str | None = _f(None, "data folder (default: $CAPSNET_DATA or ~/.cache/capsnet)")
     download: bool = _f(False, "download missing dataset files")
     train_samples: int | None = _f(None, "train on a fixed random subset of this many images")
-    val_samples: int = _f(0, "hold out this many training images to pick the best checkpoint")
+    val_samples: int | None = _f(
+        None,
+        "training images held out as the validation split, which picks the best checkpoint "
+        "(and matches models in the experiments); None: a tenth of the training images, at most "
+        "5000; 0: no validation split, so the best checkpoint is chosen on eval_split (the "
+        "test set: say so when you report it)",
+    )
+    val_seed: int | None = _f(
+        0,
+        "seed of the validation subset, the same for every training seed (None: the "
+        "training seed, as runs made before this option)",
+    )
     eval_split: str = _f("test", "split evaluated after each epoch and at the end")
     augment: bool = _f(True, "the dataset's training augmentation (e.g. random shifts)")
     # ---------------------------------------------------------------- objective
@@ -122,6 +133,9 @@ class RunConfig:
     # ---------------------------------------------------------------- run directory, logging
     output_dir: str | None = _f(None, "run directory (default: runs/<model>-<dataset>-<time>)")
     checkpoint_every: int = _f(500, "also save the last checkpoint every N steps (0: per epoch)")
+    snapshots_per_epoch: int = _f(
+        0, "also keep N weight snapshots per epoch (snapshot-STEP), e.g. 4 for quarter epochs"
+    )
     keep_checkpoints: int = _f(
         2, "checkpoints kept for resume: last plus the previous N-1 as step-N"
     )
@@ -273,10 +287,10 @@ def _check_values(cfg: RunConfig) -> None:
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     for name in (
-        "val_samples", "checkpoint_every", "seed", "weight_decay", "momentum",
-        "skip_nonfinite_steps",
+        "val_samples", "val_seed", "checkpoint_every", "seed", "weight_decay", "momentum",
+        "skip_nonfinite_steps", "snapshots_per_epoch",
     ):  # fmt: skip
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS:
         raise ValueError(f"num_threads must be in 1..{MAX_THREADS}, got {cfg.num_threads}")

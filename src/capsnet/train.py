@@ -119,6 +119,12 @@ def correct_predictions(scores: Tensor, labels: Tensor, labels2: Tensor | None =
     return (top2 == labels[:, None]).any(-1) & (top2 == labels2[:, None]).any(-1)
 
 
+def default_val_samples(train_images: int) -> int:
+    """The validation split when ``val_samples`` is None: 10 % of the training images, at
+    most 5000 (at least 1 when there are 10 or more images)."""
+    return min(5000, train_images // 10)
+
+
 def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
     """The saved config of ``run_dir`` with ``overrides`` (only :data:`RESUME_OVERRIDES`)."""
     run_dir = Path(run_dir)
@@ -134,6 +140,8 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
             f"change. Changeable: {', '.join(RESUME_OVERRIDES)}"
         )
     saved.update(overrides, output_dir=str(run_dir))
+    # Runs made before val_seed existed drew their validation split with the training seed.
+    saved.setdefault("val_seed", None)
     return config_from_dict(saved, source=str(run_dir / "config.json"))
 
 
@@ -243,6 +251,9 @@ class Trainer:
                 f"{len(self.train_ds)} training images give no full batch of {cfg.batch_size}"
             )
         self.steps_per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
+        # batches (1-based, within an epoch) after which a weight snapshot is kept
+        k = min(cfg.snapshots_per_epoch, self.steps_per_epoch)
+        self.snapshot_batches = {round(self.steps_per_epoch * f / k) for f in range(1, k + 1)}
         # Model, loss, optimiser, schedule.
         self.model_kwargs = {
             "num_classes": train_ds.num_classes,
@@ -342,18 +353,21 @@ class Trainer:
             log.close()
 
     def _split(self, ds: Any) -> tuple[Any, Any]:
-        """Fixed random subsets for ``val_samples`` and ``train_samples`` (seeded)."""
+        """Fixed random subsets for ``val_samples`` and ``train_samples`` (seeded by
+        ``val_seed``: the same validation images for every training seed)."""
         cfg = self.cfg
-        if not cfg.val_samples and not cfg.train_samples:
+        n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
+        if not n_val and not cfg.train_samples:
             return ds, None
-        if cfg.val_samples >= len(ds):
-            raise ValueError(f"val_samples {cfg.val_samples} >= {len(ds)} training images")
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
-        val = perm[: cfg.val_samples].sort().values
-        rest = perm[cfg.val_samples :]
+        if n_val >= len(ds):
+            raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
+        seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+        val = perm[:n_val].sort().values
+        rest = perm[n_val:]
         if cfg.train_samples:
             rest = rest[: cfg.train_samples]
-        val_ds = ds.subset(val) if cfg.val_samples else None
+        val_ds = ds.subset(val) if n_val else None
         return ds.subset(rest.sort().values), val_ds
 
     def _resume(self) -> None:
@@ -506,6 +520,8 @@ class Trainer:
                     line = progress_line(epoch + 1, cfg.epochs, i + 1, steps, w_loss, w_acc, speed)
                     self._print(line)
                 window, window_tic = _Meter(self.device), time.perf_counter()
+            if (i + 1) in self.snapshot_batches:
+                self._save(f"snapshot-{st['step']}", None)  # weights only, kept
             stop = self._stop_requested()
             if stop or (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0):
                 if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
