@@ -62,9 +62,7 @@ def test_read_load_runs_on_this_machine():
 )
 def test_choose_threads_opt_outs(kwargs, policy, why):
     kwargs = {"env": {}, **kwargs}
-    threads, got, reason = R.choose_threads(
-        **kwargs, ceiling=2, reader=lambda: _reading(2, 1.0)
-    )
+    threads, got, reason = R.choose_threads(**kwargs, ceiling=2, reader=lambda: _reading(2, 1.0))
     assert got == policy and why in reason
     assert threads == (kwargs.get("num_threads") or (1 if policy == "adaptive" else 2))
 
