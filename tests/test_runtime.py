@@ -154,6 +154,8 @@ def test_thread_policy_applies_and_logs_its_decisions():
     assert (event.before, event.after, event.step) == (2, 1, 4)
     assert event.timings == {"2": 3.7, "1": 0.6}
     assert "2 -> 1" in event.reason
+    policy.restore()
+    assert fake.threads == 2 and policy.after_step(1.0) is None
 
 
 def test_thread_policy_fixed_never_changes_threads():
@@ -163,4 +165,5 @@ def test_thread_policy_fixed_never_changes_threads():
     )
     assert policy.start().after == 3 and policy.policy == "fixed"
     assert all(policy.after_step(1.0) is None for _ in range(50))
+    policy.restore()
     assert fake.calls == [3]

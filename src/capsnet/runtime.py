@@ -34,7 +34,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,7 @@ def choose_threads(
     *,
     device: torch.device | str = "cpu",
     distributed: bool = False,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     ceiling: int | None = None,
     reader: Callable[[], LoadReading] = read_load,
 ) -> tuple[int, str, str]:
@@ -190,12 +190,12 @@ def choose_threads(
     for each other), and on a non-CPU ``device`` (the threads only feed it). Otherwise the
     load decides (:func:`decide_threads`) and ``policy="adaptive"``.
     """
-    env = os.environ if env is None else env
+    omp = (os.environ if env is None else env).get("OMP_NUM_THREADS")
     current = torch.get_num_threads() if ceiling is None else ceiling
     if num_threads is not None:
         return num_threads, "fixed", f"num_threads={num_threads} given"
-    if env.get("OMP_NUM_THREADS"):
-        return current, "fixed", f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} set"
+    if omp:
+        return current, "fixed", f"OMP_NUM_THREADS={omp} set"
     if distributed:
         return current, "fixed", "distributed run: torch's default per rank"
     if torch.device(device).type != "cpu":
@@ -335,7 +335,7 @@ class ThreadPolicy:
         *,
         device: torch.device | str = "cpu",
         distributed: bool = False,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         interval: int = 200,
         probe_steps: int = 3,
         margin: float = 0.05,
@@ -354,10 +354,11 @@ class ThreadPolicy:
         self.adaptive: AdaptiveThreads | None = None
         self.policy = "fixed"
         self.step = 0
+        self._before: int | None = None
 
     def start(self) -> ThreadEvent:
         """Decide and apply the count for the first step."""
-        before = self.get_threads()
+        before = self._before = self.get_threads()
         threads, self.policy, reason = choose_threads(
             self.num_threads, device=self.device, distributed=self.distributed, env=self.env,
             ceiling=before, reader=self.reader,
@@ -371,6 +372,14 @@ class ThreadPolicy:
                 margin=self.margin, warmup=self.warmup,
             )  # fmt: skip
         return ThreadEvent(before, threads, reason, self.policy, 0)
+
+    def restore(self) -> None:
+        """Give the process back the thread count it had before :meth:`start` (the policy's
+        choices are the run's, not the caller's); a fixed count stays, as before."""
+        if self.policy != "fixed" and self._before is not None:
+            if self.get_threads() != self._before:
+                self.set_threads(self._before)
+            self.adaptive = None
 
     def after_step(self, seconds: float) -> ThreadEvent | None:
         """Feed one step's wall time; an event when a check ends with a (new) decision."""

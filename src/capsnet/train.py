@@ -342,6 +342,7 @@ class Trainer:
     def close(self) -> None:
         """Release the run directory's lock and close the logs (also after a failure)."""
         self.lock.release()
+        self.threads.restore()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
