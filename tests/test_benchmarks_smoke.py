@@ -39,7 +39,9 @@ def test_models_throughput_measures_a_model():
         import models_throughput
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    train, infer, params = models_throughput.measure("hinton_cnn", {}, batch=4, steps=1)
+    train, infer, params = models_throughput.measure(
+        "hinton_cnn", {}, batch=4, steps=1, device="cpu"
+    )
     assert train > 0 and infer > 0
     assert params == 3_274_634
     assert {name for name, _, _ in models_throughput.CASES} == {
@@ -156,4 +158,21 @@ def test_benchmark_smoke_mode_device_cpu(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smoke_matrix" in out.read_text()
+
+
+@pytest.mark.slow
+def test_suite_path_with_a_device(tmp_path, monkeypatch):
+    """run.py's suite path (worker subprocesses for time and memory, results file and
+    block) with ``--device cpu``, on one tiny case."""
+    C, _, run = _bench_modules()
+    tiny = next(c for c in C.smoke_cases() if c["name"] == "smoke_matrix")
+    monkeypatch.setattr(C, "full_cases", lambda: [tiny])
+    out, js = tmp_path / "RESULTS.md", tmp_path / "r.json"
+    argv = ["--device", "cpu", "--budget", "1", "--timeout", "120", "--output", str(out)]
+    assert run.main([*argv, "--json", str(js)]) == 0
+    (res,) = json.loads(js.read_text())["results"]
+    assert res["case_spec"]["device"] == "cpu"
+    assert res["impls"]["capsnet"]["median_s"] > 0
+    assert res["memory"]["capsnet"]["kind"] == "max_rss"
     assert "smoke_matrix" in out.read_text()
