@@ -13,6 +13,8 @@ A case is a plain dict (so it can be passed to a worker subprocess as JSON):
   reference stays eager.
 * ``checkpoint``: build capsnet's model with ``checkpoint=True`` (recompute votes and routing
   of each capsule layer in the backward pass), when the layers support it.
+* ``device``: where models and inputs are built (``"cpu"`` unless set; ``run.py --device``
+  sets it on every case). bf16 autocast then runs on that device type.
 
 Every case builds two implementations: ``capsnet`` (the public API) and ``reference`` (the
 straightforward code in :mod:`reference`), with identical weights and inputs.
@@ -154,6 +156,37 @@ def full_cases() -> list[dict]:
     ]
 
 
+def gpu_cases() -> list[dict]:
+    """``run.py --device cuda`` (``benchmarks/gpu.sh``): GPU-sized training steps and routing.
+
+    Targets (RESULTS.md, "GPU"): matrix capsnet small >= 5,000 and paper size >= 1,000
+    training images/s at batch 64; CapsNet >= 3x the reference on the same GPU.
+    """
+    return [
+        _case("em_convcaps1_paper", kind="routing", routing="conv_em", iterations=3,
+              repeats=10, warmup=3, **CONVCAPS1_PAPER),
+        _sabour(128, repeats=20, warmup=3),
+        _sabour(128, amp="bf16", name="capsnet_mnist_b128_train_bf16", repeats=20, warmup=3),
+        _matrix("small", 28, 3, 64, repeats=20, warmup=3),
+        _matrix("paper", 32, 3, 64, repeats=10, warmup=3),
+        _matrix("small", 28, 3, 256, kind="infer", repeats=20, warmup=3),
+    ]  # fmt: skip
+
+
+def contention_cases() -> list[dict]:
+    """``run.py --contention``: the training steps of issue 15's "busy machine" (one
+    CPU-bound competitor process). ``reference``: also time the reference under load (the
+    paper-size reference takes about a minute per step here, so not for that one)."""
+    return [
+        {**_sabour(128, repeats=5), "name": "contention_capsnet_mnist_b128_train",
+         "reference": True},
+        {**_matrix("small", 28, 3, 32, repeats=7),
+         "name": "contention_matrix_small_28_it3_b32_train", "reference": True},
+        {**_matrix("paper", 32, 3, 32, repeats=3, warmup=1),
+         "name": "contention_matrix_paper_32_it3_b32_train", "reference": False},
+    ]  # fmt: skip
+
+
 def compile_cases() -> list[dict]:
     """``torch.compile`` variants (slow to compile on 2 cores; ``run.py --compile``)."""
     return [
@@ -270,12 +303,34 @@ def smoke_cases() -> list[dict]:
     return cases
 
 
+def smoke_contention_cases() -> list[dict]:
+    """Tiny contention cases (``run.py --contention --smoke``): seconds, not minutes."""
+    tiny = smoke_cases()
+    by_name = {c["name"]: c for c in tiny}
+    return [
+        {**by_name["smoke_capsnet"], "name": "smoke_contention_capsnet", "reference": True,
+         "repeats": 2},
+        {**by_name["smoke_matrix"], "name": "smoke_contention_matrix", "reference": False,
+         "repeats": 2},
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------------------- building
+
+
+def case_device(case: dict) -> torch.device:
+    """The device a case runs on (``case["device"]``, default the CPU)."""
+    return torch.device(case.get("device", "cpu"))
+
+
+def with_device(cases: list[dict], device: str) -> list[dict]:
+    """The cases, each set to run on ``device``."""
+    return [{**c, "device": device} for c in cases]
 
 
 def amp_context(case: dict):
     if case["amp"] == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(case_device(case).type, dtype=torch.bfloat16)
     if case["amp"] != "fp32":
         raise ValueError(f"amp must be 'fp32' or 'bf16', got {case['amp']!r}")
     return contextlib.nullcontext()
@@ -297,14 +352,16 @@ def build_model(case: dict) -> torch.nn.Module:
         if not supports_checkpoint():
             raise NotImplementedError("capsnet's layers have no checkpoint option")
         kwargs["checkpoint"] = True
-    return create(case["model"], **kwargs)
+    return create(case["model"], **kwargs).to(case_device(case))
 
 
 def model_inputs(case: dict, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels, drawn on the CPU (the same on every device), then moved."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(case["batch"], model.in_channels, *model.input_size, generator=g)
     y = torch.randint(0, model.num_classes, (case["batch"],), generator=g)
-    return x, y
+    device = case_device(case)
+    return x.to(device), y.to(device)
 
 
 def _loss(case: dict, scores, recon, x, y):
@@ -365,14 +422,15 @@ def build_step(case: dict, impl: str) -> tuple[Callable[[], object], Callable[[]
 def _routing_inputs(case: dict):
     g = torch.Generator().manual_seed(2)
     shape = case["shape"]
+    device = case_device(case)
     if case["routing"] == "dynamic":
-        return (torch.randn(*shape, generator=g) * 0.1,)
+        return ((torch.randn(*shape, generator=g) * 0.1).to(device),)
     votes = torch.randn(*shape, generator=g)
     acts = torch.rand(*shape[:-2], generator=g)
     out_caps = shape[-2]
     beta_u = torch.randn(out_caps, generator=g) * 0.1
     beta_a = torch.randn(out_caps, generator=g) * 0.1
-    return votes, acts, beta_u, beta_a
+    return tuple(t.to(device) for t in (votes, acts, beta_u, beta_a))
 
 
 def _routing_step(case: dict, impl: str):
@@ -482,9 +540,9 @@ def capsnet_flops(case: dict) -> dict[str, float] | None:
     return {"total": conv1 + primary + votes + decoder, "conv": conv1 + primary}
 
 
-def matmul_gflops_reference(n: int = 4096) -> Callable[[], object]:
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def matmul_gflops_reference(n: int = 4096, device: str = "cpu") -> Callable[[], object]:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     return lambda: torch.mm(a, b)
 
 

@@ -42,6 +42,8 @@ def test_run_directory_and_metrics(data_root, tmp_path):
     rows = _read_metrics(run)
     kinds = [r["kind"] for r in rows]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 2
+    (threads,) = [r for r in rows if r["kind"] == "threads"]  # the thread policy's decision
+    assert (threads["threads"], threads["policy"], threads["step"]) == (1, "fixed", 0)
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == [2, 4, 6, 8]  # 64 images / batch 16 = 4 steps per epoch, log every 2
     # Each epoch's train loss/accuracy is the mean of its (equal-sized) logged windows,

@@ -127,7 +127,7 @@ class RunConfig:
     seed: int = _f(0, "random seed (model init, shuffling, augmentation)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps")
     precision: str = _f("fp32", "fp32, or bf16 autocast")
-    num_threads: int | None = _f(None, "CPU threads for torch (None: torch's default)")
+    num_threads: int | None = _f(None, "CPU threads for torch (None: chosen from the load)")
     dist_backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, else gloo)")
     dist_timeout: float = _f(300.0, "seconds to wait for all distributed ranks to join")
     # ---------------------------------------------------------------- run directory, logging

@@ -57,6 +57,7 @@ from capsnet.objectives import compute_loss, resolve_loss, two_digit_loss
 from capsnet.predict import preprocessing_metadata
 from capsnet.runlock import RunLock
 from capsnet.runlog import RunLog, epoch_summary, final_report, progress_line, show_progress
+from capsnet.runtime import ThreadPolicy
 from capsnet.schedules import lr_factor, spread_margin
 
 # compute_loss and two_digit_loss live in capsnet.objectives; re-exported here (the trainer
@@ -200,8 +201,12 @@ class Trainer:
                 f"batch_size {cfg.batch_size} (global) must be divisible by the "
                 f"{ctx.world_size} ranks"
             )
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        # CPU threads: num_threads fixed, or chosen from the load and re-checked
+        # (capsnet.runtime; decisions go to metrics.jsonl as kind "threads").
+        self.threads = ThreadPolicy(
+            cfg.num_threads, device=self.device, distributed=ctx.is_distributed
+        )
+        self.threads_start = self.threads.start()
         self.lock = RunLock(Path("."))  # replaced by the run directory's (rank 0)
         self.run_dir = self._run_dir(resume)
         try:
@@ -348,6 +353,7 @@ class Trainer:
     def close(self) -> None:
         """Release the run directory's lock and close the logs (also after a failure)."""
         self.lock.release()
+        self.threads.restore()
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
@@ -439,6 +445,9 @@ class Trainer:
             "train_images": len(self.train_ds), "steps_per_epoch": self.steps_per_epoch,
             "command": _command_line(),
         })  # fmt: skip
+        self.log.write({**self.threads_start.record(), "step": st["step"]})
+        if self.threads_start.after != self.threads_start.before:
+            self._print(f"{self.threads_start.after} CPU threads ({self.threads_start.reason})")
         final = None
         for epoch in range(st["epoch"], cfg.epochs):
             start = st["batch_in_epoch"]
@@ -485,7 +494,7 @@ class Trainer:
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not bars, unit="batch", dynamic_ncols=True,
         )  # fmt: skip
-        tic = window_tic = line_tic = time.perf_counter()
+        tic = window_tic = line_tic = step_tic = time.perf_counter()
         for i, batch in self._batches(epoch, start):
             loss, correct, final_loss = self._forward_loss(batch, margin)
             self.optimizer.zero_grad(set_to_none=True)
@@ -500,6 +509,11 @@ class Trainer:
                 meter.add(loss, correct, final_loss)
                 window.add(loss, correct, final_loss)
             bar.update()
+            now = time.perf_counter()
+            threads = self.threads.after_step(now - step_tic)
+            step_tic = now
+            if threads is not None:
+                self.log.write({**threads.record(), "step": st["step"]})
             if st["step"] % cfg.log_every == 0 or i + 1 == self.steps_per_epoch:
                 w_loss, w_acc, w_n, w_final = window.reduced()
                 speed = w_n / (time.perf_counter() - window_tic)
