@@ -89,3 +89,13 @@ def test_format_interval_table():
     text = stats.format_interval_table([{"model": "a", "error": 1.5}], ["model", "error"])
     assert text.splitlines()[0].split() == ["model", "error"]
     assert text.splitlines()[2].split() == ["a", "1.5"]
+
+
+def test_relative_reduction():
+    rng = np.random.default_rng(5)
+    b = rng.random(4000) > 0.2
+    a = b.copy()
+    a[np.flatnonzero(~b)[: int((~b).sum() * 0.3)]] = True  # A avoids 30 % of B's errors
+    out = stats.relative_reduction(a, b, resamples=300)
+    assert out["reduction"] == pytest.approx(0.3, abs=0.005)
+    assert out["low"] < 0.3 < out["high"] and out["high"] - out["low"] < 0.1

@@ -140,7 +140,19 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
         action="store_true",
         help="download missing data (same as --set download=true)",
     )
-    p.add_argument("--max-examples", type=int, default=0, help="novel test examples (0: all)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per model (0, 1, ..., N-1)")
+    p.add_argument(
+        "--snapshots-per-epoch",
+        type=int,
+        default=4,
+        help="weight snapshots per epoch the matching chooses from (4: quarter epochs)",
+    )
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=0,
+        help="test examples per test set, a seeded random subset (0: all)",
+    )
     add_output_dir(p, "output folder (default: runs/experiments/<experiment>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=250, help="novel evaluation batch size")
@@ -241,6 +253,20 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     q.add_argument("--rotations", action=_Floats, default=[5, 10, 20, 30], help="degrees")
     q.add_argument("--max-examples", type=int, default=2000, help="test examples (0: all)")
     q.set_defaults(handler=_equivariance)
+    q = sub.add_parser(
+        "viewpoint-equivariance",
+        help="NORB-style data: one linear map from the pose at azimuth a to a + 20 degrees",
+        description="Fit f(x at azimuth a + step) = A f(x at a) + b on the training "
+        "instances' image pairs and test it on the held-out instances' pairs, for the class "
+        "capsule poses and, at equal dimension (PCA), a CNN's features. Uses the run's "
+        "dataset with every view (its viewpoint split is dropped).",
+    )
+    _common(q, baseline=True)
+    q.add_argument("--step", type=int, default=20, help="azimuth step in degrees (x 20)")
+    q.add_argument(
+        "--max-pairs", type=int, default=4000, help="image pairs per split, seeded (0: all)"
+    )
+    q.set_defaults(handler=_viewpoint_equivariance)
     q = sub.add_parser(
         "affnist",
         help="models trained on shifted 40x40 MNIST, tested on affNIST (or the generated set)",
@@ -471,6 +497,38 @@ def _equivariance(args: argparse.Namespace) -> int:
 
 
 @_guard
+def _viewpoint_equivariance(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+
+    runs, _, out, device = _setup(args, "viewpoint_equivariance")
+    # every view: a viewpoint split (familiar azimuths only) has too few pairs a, a + 20
+    every_view = {"viewpoint": None} if "viewpoint" in runs[0].config.get("data_kwargs", {}) else {}
+    sets = {
+        split: runs[0].dataset(
+            split,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            download=args.download,
+            **every_view,
+        )  # fmt: skip
+        for split in ("train", "test")
+    }
+    record = experiments.viewpoint_equivariance_experiment(
+        {r.label: r.model for r in runs},
+        sets["train"],
+        sets["test"],
+        out,
+        step_degrees=args.step,
+        max_pairs=_limit(args.max_pairs),
+        batch_size=args.batch_size,
+        model_names={r.label: r.name for r in runs},
+        device=device,
+        progress=_progress(args),
+    )
+    return _done(record, out)
+
+
+@_guard
 def _affnist(args: argparse.Namespace) -> int:
     from capsnet import experiments
 
@@ -528,6 +586,8 @@ def _viewpoint(args: argparse.Namespace) -> int:
         out,
         mode=args.mode,
         epochs=args.epochs,
+        seeds=range(args.seeds),
+        snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,
         max_examples=_limit(args.max_examples),
         batch_size=args.batch_size,
@@ -547,6 +607,8 @@ def _affnist_protocol(args: argparse.Namespace) -> int:
         out,
         affine=args.affine_dataset,
         epochs=args.epochs,
+        seeds=range(args.seeds),
+        snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,
         max_examples=_limit(args.max_examples),
         batch_size=args.batch_size,

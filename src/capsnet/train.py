@@ -71,6 +71,8 @@ __all__ = [
     "compute_loss",
     "two_digit_loss",
     "RESUME_OVERRIDES",
+    "split_validation",
+    "default_val_samples",
 ]
 
 RESUME_OVERRIDES = (
@@ -124,6 +126,29 @@ def default_val_samples(train_images: int) -> int:
     """The validation split when ``val_samples`` is None: 10 % of the training images, at
     most 5000 (at least 1 when there are 10 or more images)."""
     return min(5000, train_images // 10)
+
+
+def split_validation(ds: Any, cfg: RunConfig) -> tuple[Any, Any]:
+    """``(train subset, validation subset or None)`` of the training set ``ds`` for ``cfg``.
+
+    Fixed random subsets for ``val_samples`` (:func:`default_val_samples` when None) and
+    ``train_samples``, drawn with ``val_seed`` (the same validation images for every
+    training seed; the training seed itself when ``val_seed`` is None). What the trainer
+    holds out, so experiments can evaluate a run on exactly its validation images.
+    """
+    n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
+    if not n_val and not cfg.train_samples:
+        return ds, None
+    if n_val >= len(ds):
+        raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
+    seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    val = perm[:n_val].sort().values
+    rest = perm[n_val:]
+    if cfg.train_samples:
+        rest = rest[: cfg.train_samples]
+    val_ds = ds.subset(val) if n_val else None
+    return ds.subset(rest.sort().values), val_ds
 
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
@@ -359,22 +384,7 @@ class Trainer:
             log.close()
 
     def _split(self, ds: Any) -> tuple[Any, Any]:
-        """Fixed random subsets for ``val_samples`` and ``train_samples`` (seeded by
-        ``val_seed``: the same validation images for every training seed)."""
-        cfg = self.cfg
-        n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
-        if not n_val and not cfg.train_samples:
-            return ds, None
-        if n_val >= len(ds):
-            raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
-        seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-        val = perm[:n_val].sort().values
-        rest = perm[n_val:]
-        if cfg.train_samples:
-            rest = rest[: cfg.train_samples]
-        val_ds = ds.subset(val) if n_val else None
-        return ds.subset(rest.sort().values), val_ds
+        return split_validation(ds, self.cfg)
 
     def _resume(self) -> None:
         """Load the newest good checkpoint (``last``, else ``step-N``), saying what was

@@ -19,13 +19,19 @@ def test_matched_checkpoints():
         experiments.matched_checkpoints({"a": []})
 
 
-def test_generalization_protocol_matches_and_resumes(tiny_runs, tmp_path, monkeypatch):
+def test_generalization_protocol_matches_on_validation_and_resumes(
+    tiny_runs, tmp_path, monkeypatch
+):
+    import numpy as np
+
     from training_helpers import TINY_MODEL, tiny_config
 
     root, _, _ = tiny_runs
+    # 3 of the 32 training images held out; 29 // 8 = 3 steps per epoch
+    common = {"epochs": 2, "val_samples": None, "batch_size": 8}
     configs = {
-        "capsules": tiny_config(root, None, model_kwargs=dict(TINY_MODEL), epochs=2),
-        "cnn": tiny_config(root, None, model="hinton_cnn", model_kwargs={}, epochs=2),
+        "capsules": tiny_config(root, None, model_kwargs=dict(TINY_MODEL), **common),
+        "cnn": tiny_config(root, None, model="hinton_cnn", model_kwargs={}, **common),
     }
     kwargs = dict(
         familiar=("mnist", "test", {"verify": False}),
@@ -33,29 +39,51 @@ def test_generalization_protocol_matches_and_resumes(tiny_runs, tmp_path, monkey
         experiment="protocol_demo",
         title="Protocol demo",
         device="cpu",
+        seeds=(0, 1),
+        snapshots_per_epoch=2,
+        resamples=50,
     )
     rec = experiments.generalization_protocol(configs, tmp_path, **kwargs)
     res = rec["results"]
+    assert res["seeds"] == [0, 1] and res["test_images"] == {"familiar": 24, "novel": 24}
     for label in configs:
-        curves = res["models"][label]["curves"]
-        assert len(curves["familiar_error"]) == len(curves["novel_error"]) == 2
+        r = res["models"][label]
+        assert len(r["per_seed"]) == 2
+        for row in r["per_seed"]:
+            curve = r["curves"][str(row["seed"])]
+            assert curve["step"] == [2, 3, 5, 6]  # 2 snapshots per epoch of 3 steps
+            assert curve["epoch"] == [0.6667, 1.0, 1.6667, 2.0]
+            # the matched snapshot is the one closest to the seed's level, on validation
+            gaps = [abs(e - row["matched_level"]) for e in curve["val_error"]]
+            assert abs(row["val_error"] - row["matched_level"]) == min(gaps)
         # familiar and novel are the same test set here: the errors agree
-        assert curves["familiar_error"] == pytest.approx(curves["novel_error"])
-        errs = curves["familiar_error"]
-        gap = abs(res["models"][label]["familiar_error"] - res["matched_familiar_error"])
-        assert gap == min(abs(e - res["matched_familiar_error"]) for e in errs)
-    assert rec["figures"] == ["protocol_demo_tradeoff.png", "protocol_demo.png"]
-    # a second call with more epochs continues the runs instead of starting again
+        assert r["familiar_error"]["error"] == pytest.approx(r["novel_error"]["error"])
+        est = r["novel_error"]
+        assert est["low"] <= est["error"] <= est["high"] and est["seeds"] == 2
+    comp = res["comparisons"]["capsules - cnn"]
+    assert (
+        0.0 <= comp["novel"]["p_value"] <= 1.0 and "reduction" in comp["novel_relative_reduction"]
+    )
+    per_image = np.load(tmp_path / "per_image.npz")
+    assert per_image["capsules__novel"].shape == (2, 24)
+    assert rec["figures"] == ["protocol_demo_validation.png", "protocol_demo.png"]
+    # a second call with more epochs continues each run instead of starting again
     calls = []
     import capsnet.train as T
 
     original = T.train
     monkeypatch.setattr(
-        T, "train", lambda cfg, **kw: calls.append(cfg.epochs) or original(cfg, **kw)
+        T, "train", lambda cfg, **kw: calls.append((cfg.epochs, kw)) or original(cfg, **kw)
     )
-    rec = experiments.generalization_protocol(configs, tmp_path, epochs=3, **kwargs)
-    assert calls == [3, 3]
-    assert len(rec["results"]["models"]["cnn"]["curves"]["novel_error"]) == 3
+    rec = experiments.generalization_protocol(configs, tmp_path, **{**kwargs, "epochs": 3})
+    assert calls == [(3, {"resume": True})] * 4  # 2 models x 2 seeds
+    curve = rec["results"]["models"]["cnn"]["curves"]["0"]
+    assert curve["epoch"][-1] == 3.0 and len(curve["epoch"]) == 6  # 2 more snapshots
+    with pytest.raises(ValueError, match="val_samples=0"):
+        experiments.generalization_protocol(
+            {"cnn": tiny_config(root, None, model="hinton_cnn", model_kwargs={})},
+            tmp_path / "x", **kwargs,
+        )  # fmt: skip
 
 
 def test_protocol_cli_builds_configs_from_recipes():

@@ -21,7 +21,14 @@ from capsnet import probes
 from capsnet.data.dataset import to_float
 from capsnet.stats import seeded_subset
 
-__all__ = ["Progress", "preprocess_of", "class_names", "eval_batches", "evaluate_accuracy"]
+__all__ = [
+    "Progress",
+    "preprocess_of",
+    "class_names",
+    "eval_batches",
+    "evaluate_correct",
+    "evaluate_accuracy",
+]
 
 Progress = Callable[..., Any] | None
 
@@ -87,7 +94,7 @@ def model_input(dataset: Any, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_accuracy(
+def evaluate_correct(
     model: nn.Module,
     dataset: Any,
     *,
@@ -96,14 +103,17 @@ def evaluate_accuracy(
     max_examples: int | None = None,
     indices: Tensor | Sequence[int] | None = None,
     device: torch.device | str = "cpu",
-) -> float:
-    """Accuracy of ``model`` on ``dataset`` (eval mode), optionally under a transform T.
+) -> Tensor:
+    """Per-image correctness of ``model`` on ``dataset`` (eval mode): a bool ``(N,)``.
 
-    The model sees ``transform(eval_transform(x))``.
+    The model sees ``transform(eval_transform(x))``; the images are those of
+    :func:`eval_batches` (a seeded random subset of ``max_examples``), in index order, so
+    two models evaluated with the same arguments are scored on the same images (what
+    :func:`capsnet.stats.paired_comparison` needs).
     """
     was_training = model.training
     model.eval()
-    correct = total = 0
+    parts = []
     try:
         for images, labels in eval_batches(
             dataset,
@@ -115,13 +125,18 @@ def evaluate_accuracy(
             x = model_input(dataset, images)
             if transform is not None:
                 x = transform(x)
-            correct += int((model(x).scores.argmax(-1) == labels).sum())
-            total += labels.shape[0]
+            parts.append((model(x).scores.argmax(-1) == labels).cpu())
     finally:
         model.train(was_training)
-    if total == 0:
+    if not parts:
         raise ValueError("no examples to evaluate")
-    return correct / total
+    return torch.cat(parts)
+
+
+def evaluate_accuracy(model: nn.Module, dataset: Any, **kwargs: Any) -> float:
+    """Accuracy of ``model`` on ``dataset``: the mean of :func:`evaluate_correct` (same
+    arguments)."""
+    return float(evaluate_correct(model, dataset, **kwargs).float().mean())
 
 
 def with_progress(progress: Progress, iterable: Any, **kwargs: Any) -> Any:
