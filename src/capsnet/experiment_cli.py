@@ -282,12 +282,19 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     q = sub.add_parser(
         "viewpoint",
         help="train capsules and a CNN on familiar smallNORB views, compare on novel views",
-        description="Hinton et al. 2018 section 5.2: both models are trained on the familiar "
-        "azimuths (or elevations) one epoch at a time and compared on the novel views at "
-        "matched familiar-view error. Resumable: run the same command again.",
+        description="Hinton et al. 2018 section 5.2: both models are trained (several seeds) "
+        "on the familiar azimuths (or elevations), matched on familiar-view validation "
+        "error at quarter-epoch snapshots, and compared on the novel views with bootstrap "
+        "intervals and paired tests. Resumable: run the same command again.",
     )
     q.add_argument(
         "--mode", choices=("azimuth", "elevation"), default="azimuth", help="novel viewpoints"
+    )
+    q.add_argument(
+        "--dataset",
+        choices=("smallnorb", "toynorb"),
+        default="smallnorb",
+        help="smallNORB, or the rendered ToyNORB stand-in (same files and splits)",
     )
     _protocol_flags(q, "matrix_capsnet_smallnorb_{mode}", "hinton_cnn_smallnorb_{mode}")
     q.set_defaults(handler=_viewpoint)
@@ -295,8 +302,8 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
         "affnist-protocol",
         help="train capsules and a CNN on shifted 40x40 MNIST, compare on affine digits",
         description="Sabour et al. 2017 section 5.2 with training: both models are trained "
-        "on mnist_shifted40 one epoch at a time and compared on affNIST (or the generated "
-        "affNIST-style set) at matched shifted-MNIST test error. Resumable.",
+        "(several seeds) on mnist_shifted40 and compared on affNIST (or the generated "
+        "affNIST-style set) at matched shifted-MNIST validation error. Resumable.",
     )
     q.add_argument(
         "--affine-dataset",
@@ -585,6 +592,7 @@ def _viewpoint(args: argparse.Namespace) -> int:
         configs,
         out,
         mode=args.mode,
+        dataset=args.dataset,
         epochs=args.epochs,
         seeds=range(args.seeds),
         snapshots_per_epoch=args.snapshots_per_epoch,
