@@ -347,3 +347,20 @@ def test_snapshots_per_epoch_are_kept_and_load(tmp_path):
     final = capsnet.load(run / "snapshot-8.safetensors")
     for a, b in zip(last.state_dict().values(), final.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_training_records_name_code_machine_and_load(tmp_path):
+    import json
+
+    from capsnet.runlog import read_metrics
+    from capsnet.train import train
+    from training_helpers import make_mnist, tiny_config
+
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=40)
+    run = train(tiny_config(root, tmp_path / "run", epochs=1)).run_dir
+    start = next(r for r in read_metrics(run) if r["kind"] == "start")
+    ev = json.loads((run / "evaluation.json").read_text())
+    for env in (start["environment"], ev["environment"]):
+        assert {"commit", "capsnet", "torch", "cpu", "threads", "load_average"} <= set(env)
+        assert env["device"] == "cpu" and env["seed"] == 0
+    assert ev["environment"]["wall_seconds"] > 0 and ev["best"]["selected_on"] == "test"

@@ -55,6 +55,7 @@ from capsnet.evaluate import EvalResult, evaluate
 from capsnet.io import write_json
 from capsnet.objectives import compute_loss, resolve_loss, two_digit_loss
 from capsnet.predict import preprocessing_metadata
+from capsnet.provenance import environment
 from capsnet.runlock import RunLock
 from capsnet.runlog import RunLog, epoch_summary, final_report, progress_line, show_progress
 from capsnet.runtime import ThreadPolicy
@@ -442,6 +443,7 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
         params = sum(p.numel() for p in self.model.parameters())
         self._print(
             f"{cfg.model} ({params:,} parameters) on {cfg.dataset}: {len(self.train_ds)} train / "
@@ -453,7 +455,8 @@ class Trainer:
             "kind": "start", "step": st["step"], "model": cfg.model, "dataset": cfg.dataset,
             "parameters": params, "world_size": self.ctx.world_size, "device": str(self.device),
             "train_images": len(self.train_ds), "steps_per_epoch": self.steps_per_epoch,
-            "command": _command_line(),
+            "val_images": len(self.val_ds) if self.val_ds is not None else 0,
+            "command": _command_line(), "environment": environment(self.device, seed=cfg.seed),
         })  # fmt: skip
         self.log.write({**self.threads_start.record(), "step": st["step"]})
         if self.threads_start.after != self.threads_start.before:
@@ -481,7 +484,16 @@ class Trainer:
         if final is None:  # resumed after the last epoch had finished
             final = self._evaluate_all({})
         if self.ctx.is_main:
-            write_json(self.run_dir / "evaluation.json", final)
+            write_json(
+                self.run_dir / "evaluation.json",
+                {
+                    **final,
+                    "best": st["best"],
+                    "environment": environment(
+                        self.device, seed=cfg.seed, wall_seconds=round(time.perf_counter() - t0, 2)
+                    ),
+                },
+            )
             self.log.write({"kind": "end", "step": st["step"], "best": st["best"]})
             plot = self.log.plot(cfg.eval_split) if cfg.plot else None
             self._print(final_report(self.run_dir, final, st["best"], cfg.eval_split, plot))
