@@ -327,3 +327,29 @@ def test_npz_dataset(tmp_path):
     assert test.images.shape == (2, 3, 7, 7)
     with pytest.raises(ValueError, match="path"):
         data.create("npz")
+
+
+def test_affnist_checksummed_on_first_use(tmp_path, monkeypatch):
+    pytest.importorskip("scipy")
+    import json
+
+    import capsnet.data.affnist as A
+
+    monkeypatch.setattr(A, "_PER_BATCH", 4)  # tiny batches pass the size check
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "affnist" / "test_batches"
+    for b in (1, 2):
+        write_affnist_batch(
+            folder / f"{b}.mat", rng.integers(0, 256, (4, 40, 40), dtype=np.uint8), np.arange(4)
+        )
+    data.create("affnist", "test", root=tmp_path, batches=[1, 2])
+    record = json.loads((tmp_path / "affnist" / "capsnet-sha256.json").read_text())
+    assert set(record) == {"test_batches/1.mat", "test_batches/2.mat"}
+    assert all(len(v) == 64 for v in record.values())
+    data.create("affnist", "test", root=tmp_path, batches=[1, 2])  # unchanged: loads
+    write_affnist_batch(  # the file changes after it was first verified
+        folder / "2.mat", rng.integers(0, 256, (4, 40, 40), dtype=np.uint8), np.arange(4)
+    )
+    with pytest.raises(CorruptFileError, match=r"2\.mat: SHA-256 .* differs"):
+        data.create("affnist", "test", root=tmp_path, batches=[1, 2])
+    data.create("affnist", "test", root=tmp_path, batches=[1, 2], verify=False)  # opt out

@@ -11,7 +11,10 @@ Each holds a struct ``affNISTdata`` with ``image`` (1600 x N uint8, one image pe
 each column a 40x40 image in row-major order) and ``label_int`` (1 x N); see
 :func:`capsnet.data.formats.read_affnist_mat`. No official checksums are published, so
 files are verified by format and shape (with ``verify=True``: 10,000 images per batch,
-320,000 in all). ``download=True`` fetches ``test_batches.zip`` and extracts it safely.
+320,000 in all) and then checksummed on first use: the SHA-256 of every batch that passed
+is recorded in ``<folder>/capsnet-sha256.json`` and checked on every later load, so a file
+that changes afterwards (a torn copy, a flipped bit) is refused. ``download=True`` fetches
+``test_batches.zip`` and extracts it safely.
 
 Reading needs SciPy (imported lazily). The model sees the 40x40 images as they are; the
 matching training input is ``mnist_shifted40``; ``affnist_generated`` is a self-generated
@@ -20,6 +23,9 @@ stand-in where affNIST cannot be downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -41,6 +47,7 @@ from capsnet.data.sources import (
     download_file,
     resolve_root,
 )
+from capsnet.io import atomic_write
 
 __all__ = ["AFFNIST_URLS", "find_affnist_batches", "download_affnist_test"]
 
@@ -52,6 +59,37 @@ _SUBDIRS = ("affnist", "affNIST")
 _BATCHES = 32
 _PER_BATCH = 10_000
 _BATCH_RE = re.compile(r"^(\d+)\.mat$")
+
+
+_CHECKSUMS = "capsnet-sha256.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _recorded_checksums(folder: Path) -> dict[str, str]:
+    """The SHA-256 of each batch recorded when it was first verified (``{}`` if none)."""
+    path = folder / _CHECKSUMS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: unreadable checksum record ({exc})") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise CorruptFileError(f"{path}: not a {{file: sha256}} record")
+    return data
+
+
+def _record_checksums(folder: Path, checksums: dict[str, str]) -> None:
+    """Write the record; a read-only data folder just goes without one."""
+    with contextlib.suppress(OSError):
+        atomic_write(folder / _CHECKSUMS, json.dumps(checksums, indent=1, sort_keys=True))
 
 
 def find_affnist_batches(root: Path) -> tuple[Path, list[Path]] | None:
@@ -183,14 +221,28 @@ def affnist(
             "(pass batches=[...] to load a subset, or verify=False)"
         )
     images, labels, batch_ids = [], [], []
+    recorded = _recorded_checksums(folder) if verify else {}
+    fresh: dict[str, str] = {}
     for number, path in zip(numbers, paths, strict=True):
+        digest = _sha256(path) if verify else ""
+        key = path.relative_to(folder).as_posix()
+        if verify and key in recorded and recorded[key] != digest:
+            raise CorruptFileError(
+                f"{path}: SHA-256 {digest} differs from the {recorded[key]} recorded when it "
+                f"was first verified ({folder / _CHECKSUMS}); the file changed since. Replace "
+                "it (or delete the record to accept the new file)"
+            )
         x, y = read_affnist_mat(path)
         expected = _PER_BATCH if number else _PER_BATCH * _BATCHES
         if verify and x.shape[0] != expected:
             raise CorruptFileError(f"{path}: {x.shape[0]} images, expected {expected}")
+        if verify and key not in recorded:
+            fresh[key] = digest
         images.append(x)
         labels.append(y)
         batch_ids.append(np.full(x.shape[0], number, dtype=np.int64))
+    if fresh:
+        _record_checksums(folder, {**recorded, **fresh})
     image_tensor = torch.from_numpy(np.concatenate(images)).unsqueeze(1)
     return ImageDataset(
         image_tensor,
@@ -199,5 +251,9 @@ def affnist(
         name="affnist",
         split=split,
         extras={"batch": torch.from_numpy(np.concatenate(batch_ids))},
-        meta={"files": [str(p) for p in paths], "verified": verify, "checksums": "none published"},
+        meta={
+            "files": [str(p) for p in paths],
+            "verified": verify,
+            "checksums": f"none published; SHA-256 recorded on first use in {_CHECKSUMS}",
+        },
     )
