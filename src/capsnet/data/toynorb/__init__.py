@@ -12,7 +12,7 @@ See ``docs/data.md`` (ToyNORB).
 
 from __future__ import annotations
 
-from capsnet.data.toynorb.dataset import generate, toynorb, toynorb_folder
+from capsnet.data.toynorb.dataset import generate_files, toynorb, toynorb_folder
 from capsnet.data.toynorb.generate import TOYNORB_FILES, TOYNORB_MD5, generate_toynorb
 from capsnet.data.toynorb.objects import (
     CATEGORIES,
@@ -26,7 +26,7 @@ from capsnet.data.toynorb.render import LIGHTINGS, render_views
 __all__ = [
     "toynorb",
     "toynorb_folder",
-    "generate",
+    "generate_files",
     "generate_toynorb",
     "TOYNORB_FILES",
     "TOYNORB_MD5",

@@ -29,18 +29,22 @@ from capsnet.data.sources import (
 from capsnet.data.toynorb.generate import TOYNORB_FILES, generate_toynorb
 from capsnet.data.toynorb.objects import GENERATOR_VERSION
 
-__all__ = ["toynorb", "toynorb_folder", "generate", "SUBDIRS"]
+__all__ = ["toynorb", "toynorb_folder", "generate_files", "SUBDIRS", "FULL_SHAPE"]
 
 SUBDIRS = ("toynorb",)
-_ALL_FILES = [spec for split in ("train", "test") for spec in TOYNORB_FILES[split].values()]
+FULL_SHAPE = (24300, 2, 96, 96)  # dat of each split
+
+
+def _all_files() -> list:
+    return [spec for split in ("train", "test") for spec in TOYNORB_FILES[split].values()]
 
 
 def toynorb_folder(root: str | Path | None = None) -> Path | None:
     """The folder under ``root`` that holds all six ToyNORB files, or ``None``."""
-    return find_folder(resolve_root(root), SUBDIRS, _ALL_FILES)
+    return find_folder(resolve_root(root), SUBDIRS, _all_files())
 
 
-def generate(
+def generate_files(
     root: str | Path | None = None,
     *,
     workers: int | None = None,
@@ -61,7 +65,7 @@ def generate(
     paper="Hinton et al. 2018 protocol on rendered toys (stand-in, not smallNORB)",
     description="ToyNORB: smallNORB's protocol on rendered toys, generated locally (+ viewpoints)",
     download=True,
-    extra={"generate": generate, "source": "generated"},
+    extra={"generate": generate_files, "source": "generated"},
 )
 def toynorb(
     split: str = "train",
@@ -104,17 +108,17 @@ def toynorb(
         if not generate_missing:
             raise DatasetNotFoundError(
                 "ToyNORB not found. Looked for:\n"
-                + "\n".join(f"  {spec.name}" for spec in _ALL_FILES)
+                + "\n".join(f"  {spec.name}" for spec in _all_files())
                 + "\nin: "
                 + ", ".join(str(p) for p in candidate_folders(root_path, SUBDIRS))
                 + f"\nGenerate it with `capsnet data generate toynorb --root {root_path}` "
                 "or generate_missing=True (rendered locally, no download)."
             )
-        folder = generate(root_path, workers=workers, verify=verify, progress=progress)
+        folder = generate_files(root_path, workers=workers, verify=verify, progress=progress)
     source = "train" if split == "train" else "test"
     options = dict(
         stem=f"toynorb-{source}", channels=channels, size=size, verify=verify, cache=cache,
-        progress=progress, full_shape=(24300, 2, 96, 96) if verify else None,
+        progress=progress, full_shape=FULL_SHAPE if verify else None,
     )  # fmt: skip
     try:
         loaded = read_norb_files(TOYNORB_FILES[source], folder, root_path, **options)
@@ -124,7 +128,7 @@ def toynorb(
                 f"{err}\nToyNORB files are generated: render them again with "
                 f"`capsnet data generate toynorb --root {root_path} --force` (or download=True)."
             ) from err
-        folder = generate(root_path, workers=workers, verify=verify, progress=progress)
+        folder = generate_files(root_path, workers=workers, verify=verify, progress=progress)
         loaded = read_norb_files(TOYNORB_FILES[source], folder, root_path, **options)
     images, labels, info, meta = loaded
     meta = {

@@ -471,6 +471,9 @@ def _slanted_box(
 ) -> Mesh:
     """A box from x0 (rear) to x1 (front) whose top edge is set back by the slopes."""
     top_w = width if top_width is None else top_width
+    squeeze = front_slope + rear_slope
+    if squeeze > 0.7 * (x1 - x0):  # keep the top face at least 30 % of the bottom's length
+        front_slope, rear_slope = (s * 0.7 * (x1 - x0) / squeeze for s in (front_slope, rear_slope))
     corners = np.zeros((8, 3))
     for k in range(8):
         front, left, upper = k & 1, (k >> 1) & 1, (k >> 2) & 1

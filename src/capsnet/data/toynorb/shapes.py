@@ -181,7 +181,11 @@ def cylinder(
     nxt = (idx + 1) % S
     vertices = [bottom, top]
     normals = [side_n, side_n]
-    faces = [np.stack([idx, nxt, S + nxt], 1), np.stack([idx, S + nxt, S + idx], 1)]
+    faces = []  # the side's quads as two triangles, without the degenerate one at a tip
+    if r1 > 0:
+        faces.append(np.stack([idx, S + nxt, S + idx], 1))
+    if r0 > 0:
+        faces.append(np.stack([idx, nxt, S + nxt], 1))
     base = 2 * S
     # caps: centre vertex + ring, flat normals
     for centre, r, sign in ((p0, r0, -1.0), (p1, r1, 1.0)):
