@@ -59,8 +59,16 @@ _STEMS = {
 _KINDS = ("dat", "cat", "info")
 #: MD5s of the standard files of generator version :data:`GENERATOR_VERSION`.
 TOYNORB_MD5 = {
-    "train": {"dat": None, "cat": None, "info": None},
-    "test": {"dat": None, "cat": None, "info": None},
+    "train": {
+        "dat": "61e5aad3b772fec265ff3c0be4822ee6",
+        "cat": "206ade5eba198a3f1a010eacc1c1a3a5",
+        "info": "ff93c57bc8fb63c5fcfc33372180a399",
+    },
+    "test": {
+        "dat": "3d84156ca8cc1864af22a8153380cbd3",
+        "cat": "63abe3b72bd12205bad85754b9cb1d9e",
+        "info": "2a08a403fdc944b7ee5f42fd43864355",
+    },
 }
 _N = 5 * 5 * 9 * 18 * 6  # 24,300 stereo pairs per split
 _SIZES = {"dat": 24 + _N * 2 * 96 * 96, "cat": 20 + _N * 4, "info": 20 + _N * 16}
