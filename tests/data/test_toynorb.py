@@ -312,6 +312,8 @@ def test_data_cli(tiny_root, capsys, monkeypatch):
     assert "toynorb" in out and "generated" in out
     assert main(["data", "verify", "toynorb", "--root", str(root), "--no-progress"]) == 0
     assert "toynorb test: 324 examples verified" in capsys.readouterr().out
+    assert main(["data", "download", "toynorb", "--root", str(root), "--no-progress"]) == 0
+    assert "toynorb train: 324 examples verified" in capsys.readouterr().out
     assert main(["data", "generate", "toynorb", "--root", str(root)]) == 0  # present: no work
     assert "already" in capsys.readouterr().out
     assert main(["data", "generate", "mnist", "--root", str(root)]) == 1

@@ -223,8 +223,8 @@ def generate_toynorb(
         print(
             f"ToyNORB v{GENERATOR_VERSION}: rendering {total_pairs:,} stereo pairs "
             f"({', '.join(splits)}; {size}x{size}) into {folder} with {workers} process(es); "
-            f"estimated {estimate / 60:.1f} min ({per_view * 1000:.0f} ms per view and 6 lightings "
-            "measured now). Runs once; later loads read the files.",
+            f"estimated {estimate / 60:.1f} min ({per_view * 1000:.0f} ms per stereo view with "
+            "all lightings, measured now). Runs once; later loads read the files.",
             file=sys.stderr,
             flush=True,
         )
