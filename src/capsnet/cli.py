@@ -8,6 +8,7 @@
     capsnet evaluate runs/quickstart                  # error, per-class accuracy, confusion
     capsnet recipes                                   # the papers' settings
     capsnet models / capsnet datasets
+    capsnet data generate toynorb --root DIR          # list / download / generate / verify
     capsnet experiment attack runs/quickstart         # FGSM / BIM sweeps (capsnet.experiment_cli)
     capsnet experiment routing runs/quickstart        # the papers' experiments
     capsnet report runs/quickstart                    # one HTML page with everything
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from capsnet.experiment_cli import register_cli
 
     register_cli(sub)  # experiment ..., report, attack (each parser sets args.handler)
+    from capsnet.data_cli import register_cli as register_data_cli
+
+    register_data_cli(sub)  # data list / download / generate / verify
     return parser
 
 

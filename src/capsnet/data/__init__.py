@@ -12,16 +12,17 @@ Quick start::
             ...
 
 Datasets (:func:`list_datasets`): ``mnist``, ``fashion_mnist``, ``smallnorb``, ``affnist``,
-``mnist_shifted40``, ``affnist_generated``, ``multimnist``, ``cifar10``, ``folder:PATH``,
-``npz:PATH``; and :func:`from_arrays` for arrays in memory. Each split is one uint8
-tensor in memory; augmentation runs on whole batches on the model's device. Data root:
-``root=`` > ``$CAPSNET_DATA`` > ``~/.cache/capsnet``. See ``docs/data.md``.
+``mnist_shifted40``, ``affnist_generated``, ``multimnist``, ``toynorb`` (rendered
+locally), ``cifar10``, ``folder:PATH``, ``npz:PATH``; and :func:`from_arrays` for arrays
+in memory. Each split is one uint8 tensor in memory; augmentation runs on whole batches
+on the model's device. Data root: ``root=`` > ``$CAPSNET_DATA`` > ``~/.cache/capsnet``.
+See ``docs/data.md``.
 """
 
 from __future__ import annotations
 
 # The dataset modules register themselves on import.
-from capsnet.data import affnist, cifar, custom, generated, mnist, smallnorb, transforms
+from capsnet.data import affnist, cifar, custom, generated, mnist, smallnorb, toynorb, transforms
 from capsnet.data.custom import from_arrays
 from capsnet.data.dataset import ImageDataset, as_uint8_images, to_float
 from capsnet.data.generated import MultiMNISTDataset
@@ -71,4 +72,5 @@ __all__ = [
     "generated",
     "mnist",
     "smallnorb",
+    "toynorb",
 ]

@@ -32,6 +32,7 @@ from capsnet.data.sources import CorruptFileError
 __all__ = [
     "parse_idx",
     "parse_smallnorb",
+    "smallnorb_header",
     "read_affnist_mat",
     "read_cifar_batch",
     "read_cifar_meta",
@@ -145,6 +146,27 @@ def parse_smallnorb(
         )
     array = np.frombuffer(content, dtype=np_dtype, offset=header).reshape(dims)
     return array.astype(np_dtype.newbyteorder("="), copy=False)
+
+
+def smallnorb_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    """The header of a smallNORB binary matrix file (the inverse of :func:`parse_smallnorb`).
+
+    Args:
+        shape: the matrix's sizes, e.g. ``(24300, 2, 96, 96)``.
+        dtype: element type, one of ``"<u1"``, ``"<i4"``, ``"<f4"``, ``"<f8"``, ``"<i2"``.
+
+    Returns:
+        Magic, rank and ``max(3, rank)`` sizes (trailing ones 1), little-endian int32; the
+        data follows in C order.
+    """
+    magic = {v: k for k, v in SMALLNORB_MAGIC.items()}
+    if dtype not in magic:
+        raise ValueError(f"dtype must be one of {sorted(magic)}, got {dtype!r}")
+    if not 1 <= len(shape) <= 16:
+        raise ValueError(f"rank must be in 1..16, got shape {shape}")
+    dims = list(shape) + [1] * max(0, 3 - len(shape))
+    words = [magic[dtype], len(shape), *dims]
+    return b"".join(int(w).to_bytes(4, "little") for w in words)
 
 
 def _import_scipy_io() -> Any:

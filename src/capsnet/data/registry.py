@@ -161,7 +161,7 @@ def create(
 
 def _ensure_loaded() -> None:
     # The dataset modules register themselves on import.
-    from capsnet.data import affnist, cifar, custom, generated, mnist, smallnorb  # noqa: F401
+    from capsnet.data import affnist, cifar, custom, generated, mnist, smallnorb, toynorb  # noqa: F401
 
 
 def path_argument(path: str | os.PathLike) -> Path:

@@ -185,15 +185,63 @@ def load_smallnorb(
         download=download,
         progress=progress,
     )
+    return read_norb_files(
+        files,
+        folder,
+        root_path,
+        stem=f"smallnorb-{split}",
+        channels=channels,
+        size=size,
+        verify=verify,
+        cache=cache,
+        download=download,
+        progress=progress,
+        full_shape=(24300, 2, 96, 96) if verify else None,
+    )
+
+
+def read_norb_files(
+    files: dict[str, RemoteFile],
+    folder: Path,
+    root_path: Path,
+    *,
+    stem: str,
+    channels: str = "left",
+    size: int = 48,
+    verify: bool = True,
+    cache: bool = True,
+    download: bool = False,
+    progress: bool = True,
+    full_shape: tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Decode one split's ``dat``/``cat``/``info`` files in the smallNORB format.
+
+    Shared by smallNORB and the datasets written in its format (ToyNORB).
+
+    Args:
+        files: ``{"dat": spec, "cat": spec, "info": spec}``.
+        folder: the folder holding them.
+        root_path: the data root (for the decoded-tensor cache).
+        stem: cache file stem, e.g. ``"smallnorb-train"``.
+        channels, size, verify, cache, download, progress: as in :func:`load_smallnorb`.
+        full_shape: the ``dat`` shape required (``None``: any).
+
+    Returns:
+        ``(images uint8 (N, C, size, size), labels int64 (N,), info int64 (N, 4), meta)``.
+    """
+    if channels not in _CHANNELS:
+        raise ValueError(f"channels must be one of {sorted(_CHANNELS)}, got {channels!r}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
     paths: list[Path] = []
     for k in ("dat", "cat", "info"):
         path = locate(files[k], folder)
         if path is None:  # ensure_files has found or fetched every file
             raise DatasetNotFoundError(f"{files[k].name}[.gz] not found in {folder}")
         paths.append(path)
-    key = cache_key("smallnorb", split, channels, size, verify, files=paths)
+    key = cache_key(*stem.rsplit("-", 1), channels, size, verify, files=paths)
     if cache:
-        hit = cache_load(root_path, f"smallnorb-{split}", key)
+        hit = cache_load(root_path, stem, key)
         if hit is not None and {"images", "labels", "info"} <= hit.keys():
             meta = {"files": [str(p) for p in paths], "cache": True, "verified": verify}
             return hit["images"], hit["labels"], hit["info"], meta
@@ -221,21 +269,66 @@ def load_smallnorb(
     for column, (lo, hi) in enumerate(limits):
         if n and (info[:, column].min() < lo or info[:, column].max() > hi):
             raise CorruptFileError(f"{info_path}: {_INFO_COLUMNS[column]} outside {lo}..{hi}")
-    if verify and dat.shape != (24300, 2, 96, 96):
-        raise CorruptFileError(f"{dat_path}: shape {dat.shape}, expected (24300, 2, 96, 96)")
+    if full_shape is not None and dat.shape != tuple(full_shape):
+        raise CorruptFileError(f"{dat_path}: shape {dat.shape}, expected {tuple(full_shape)}")
     images = _downsample(torch.from_numpy(dat[:, _CHANNELS[channels]]), size)
     del dat, content
     labels = torch.from_numpy(cat.astype("int64"))
     info_t = torch.from_numpy(info.astype("int64"))
     if cache:
-        cache_save(
-            root_path,
-            f"smallnorb-{split}",
-            key,
-            {"images": images, "labels": labels, "info": info_t},
-        )
+        cache_save(root_path, stem, key, {"images": images, "labels": labels, "info": info_t})
     meta = {"files": [str(p) for p in paths], "cache": False, "verified": verify}
     return images, labels, info_t, meta
+
+
+def norb_dataset(
+    images: Tensor,
+    labels: Tensor,
+    info: Tensor,
+    meta: dict,
+    *,
+    name: str,
+    split: str,
+    viewpoint: str | None,
+    channels: str,
+    crop_size: int,
+    max_brightness: float,
+    contrast: tuple[float, float],
+) -> ImageDataset:
+    """A smallNORB-format split with the paper's preprocessing and viewpoint selection."""
+    dataset = ImageDataset(
+        images,
+        labels,
+        classes=SMALLNORB_CLASSES,
+        name=name,
+        split=split,
+        train_transform=Compose(
+            [
+                Standardize(),
+                RandomCrop(crop_size),
+                RandomBrightness(max_brightness),
+                RandomContrast(*contrast),
+            ]
+        ),
+        eval_transform=Compose([Standardize(), CenterCrop(crop_size)]),
+        extras={"info": info},
+        meta={**meta, "channels": channels, "viewpoint": viewpoint, "info_columns": _INFO_COLUMNS},
+    )
+    if viewpoint is not None and split != "test":
+        familiar = split in ("train", "test_familiar")
+        keep = torch.nonzero(viewpoint_mask(info, viewpoint, familiar)).flatten()
+        dataset = dataset.subset(keep)
+    return dataset
+
+
+def check_norb_options(split: str, viewpoint: str | None, size: int, crop_size: int) -> None:
+    """The argument checks shared by the smallNORB-format datasets."""
+    if viewpoint is None and split in ("test_familiar", "test_novel"):
+        raise ValueError(f"split {split!r} needs viewpoint='azimuth' or 'elevation'")
+    if viewpoint is not None and viewpoint not in ("azimuth", "elevation"):
+        raise ValueError(f"viewpoint must be None, 'azimuth' or 'elevation', got {viewpoint!r}")
+    if crop_size > size:
+        raise ValueError(f"crop_size {crop_size} larger than size {size}")
 
 
 @register_dataset(
@@ -274,12 +367,7 @@ def smallnorb(
 
     Extras: ``info`` ``(N, 4)`` int64: instance, elevation, azimuth, lighting codes.
     """
-    if viewpoint is None and split in ("test_familiar", "test_novel"):
-        raise ValueError(f"split {split!r} needs viewpoint='azimuth' or 'elevation'")
-    if viewpoint is not None and viewpoint not in ("azimuth", "elevation"):
-        raise ValueError(f"viewpoint must be None, 'azimuth' or 'elevation', got {viewpoint!r}")
-    if crop_size > size:
-        raise ValueError(f"crop_size {crop_size} larger than size {size}")
+    check_norb_options(split, viewpoint, size, crop_size)
     source = "train" if split == "train" else "test"
     images, labels, info, meta = load_smallnorb(
         source,
@@ -291,26 +379,16 @@ def smallnorb(
         cache=cache,
         progress=progress,
     )
-    dataset = ImageDataset(
+    return norb_dataset(
         images,
         labels,
-        classes=SMALLNORB_CLASSES,
+        info,
+        meta,
         name="smallnorb",
         split=split,
-        train_transform=Compose(
-            [
-                Standardize(),
-                RandomCrop(crop_size),
-                RandomBrightness(max_brightness),
-                RandomContrast(*contrast),
-            ]
-        ),
-        eval_transform=Compose([Standardize(), CenterCrop(crop_size)]),
-        extras={"info": info},
-        meta={**meta, "channels": channels, "viewpoint": viewpoint, "info_columns": _INFO_COLUMNS},
+        viewpoint=viewpoint,
+        channels=channels,
+        crop_size=crop_size,
+        max_brightness=max_brightness,
+        contrast=contrast,
     )
-    if viewpoint is not None and split != "test":
-        familiar = split in ("train", "test_familiar")
-        keep = torch.nonzero(viewpoint_mask(info, viewpoint, familiar)).flatten()
-        dataset = dataset.subset(keep)
-    return dataset
