@@ -59,7 +59,7 @@ def test_recipe_parses_and_builds(name):
     kwargs = {
         "num_classes": info.num_classes,
         "in_channels": info.in_channels,
-        "input_size": info.image_size,
+        "input_size": info.input_size,
         **cfg.model_arguments(),
     }
     model = create(cfg.model, device="meta", **kwargs)

@@ -77,7 +77,7 @@ def preprocessing_metadata(dataset: Any) -> dict[str, str]:
     spec = {
         "dataset": dataset.name,
         "stored_size": [int(s) for s in dataset.images.shape[-2:]],
-        "input_size": [int(s) for s in dataset.image_size],
+        "input_size": [int(s) for s in dataset.input_size],
         "in_channels": int(dataset.in_channels),
         "eval_transform": transform_spec(dataset.eval_transform),
         "eval_transform_repr": repr(dataset.eval_transform),

@@ -289,7 +289,7 @@ class Trainer:
         self.model_kwargs = {
             "num_classes": train_ds.num_classes,
             "in_channels": train_ds.in_channels,
-            "input_size": list(train_ds.image_size),
+            "input_size": list(train_ds.input_size),
             **cfg.model_arguments(),
         }
         torch.manual_seed(cfg.seed)

@@ -27,7 +27,7 @@ def test_registry_names_info_and_errors(mnist_root):
                  "affnist_generated", "multimnist", "cifar10", "folder", "npz"]:  # fmt: skip
         assert name in names
     info = data.dataset_info("smallnorb")
-    assert info.image_size == (32, 32) and info.num_classes == 5 and "test_novel" in info.splits
+    assert info.input_size == (32, 32) and info.num_classes == 5 and "test_novel" in info.splits
     assert data.dataset_info("folder:/x").name == "folder"
     with pytest.raises(ValueError, match="Did you mean 'mnist'"):
         data.create("mnsit")
@@ -43,7 +43,7 @@ def test_mnist_dataset_contract(mnist_root):
     ds = data.create("mnist", "test", root=root, verify=False, max_shift=3)
     assert ds.images.shape == (20, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.labels.dtype == torch.int64 and ds.classes == [str(i) for i in range(10)]
-    assert (ds.num_classes, ds.in_channels, ds.image_size) == (10, 1, (28, 28))
+    assert (ds.num_classes, ds.in_channels, ds.input_size) == (10, 1, (28, 28))
     assert ds.train_transform.max_shift == 3
     image, label = ds[3]
     torch.testing.assert_close(image[0], torch.from_numpy(arrays["test"][0][3]).float() / 255)
@@ -60,7 +60,7 @@ def test_fashion_mnist_subfolder(tmp_path):
 def test_mnist_shifted40(mnist_root):
     root, arrays = mnist_root
     ds = data.create("mnist_shifted40", "train", root=root, verify=False)
-    assert ds.image_size == (40, 40) and ds.images.shape[-1] == 28
+    assert ds.input_size == (40, 40) and ds.images.shape[-1] == 28
     x = ds.images[:8].float() / 255
     centred = ds.eval_transform(x)
     torch.testing.assert_close(centred[:, :, 6:34, 6:34], x)
@@ -91,7 +91,7 @@ def test_smallnorb_contents_and_preprocessing(norb_root):
     root, (dat, cat, info), _ = norb_root
     ds = data.create("smallnorb", "train", root=root, **NORB)
     assert len(ds) == 5 * 9 * 18 and ds.classes == ["animal", "human", "airplane", "truck", "car"]
-    assert ds.images.shape == (810, 1, 4, 4) and ds.image_size == (2, 2)
+    assert ds.images.shape == (810, 1, 4, 4) and ds.input_size == (2, 2)
     # 2x2 area downsampling of the left camera
     expected = torch.from_numpy(dat[:, :1]).float().view(810, 1, 4, 2, 4, 2).mean((3, 5))
     torch.testing.assert_close(ds.images.float(), expected.round(), atol=0, rtol=0)
@@ -171,7 +171,7 @@ def test_affnist_batches(tmp_path):
         write_affnist_batch(folder / f"{b}.mat", images, labels)
         written[b] = (images, labels)
     ds = data.create("affnist", "test", root=tmp_path, verify=False)
-    assert ds.images.shape == (12, 1, 40, 40) and ds.image_size == (40, 40)
+    assert ds.images.shape == (12, 1, 40, 40) and ds.input_size == (40, 40)
     assert ds.batch.tolist() == [1] * 4 + [2] * 4 + [10] * 4  # numeric, not string, order
     np.testing.assert_array_equal(ds.images[8:, 0].numpy(), written[10][0])
     np.testing.assert_array_equal(ds.labels[:4].numpy(), written[1][1])
@@ -203,7 +203,7 @@ def test_affnist_generated_deterministic_and_inside(mnist_root):
     a = data.create("affnist_generated", "test", root=root, verify=False, seed=3, progress=False)
     b = data.create("affnist_generated", "test", root=root, verify=False, seed=3, progress=False)
     c = data.create("affnist_generated", "test", root=root, verify=False, seed=4, progress=False)
-    assert a.images.shape == (20, 1, 40, 40) and a.image_size == (40, 40)
+    assert a.images.shape == (20, 1, 40, 40) and a.input_size == (40, 40)
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
     src = data.create("mnist", "test", root=root, verify=False)
     assert torch.equal(a.labels, src.labels[a.source_index])
@@ -224,7 +224,7 @@ def test_multimnist_determinism_and_labels(mnist_root):
     again = data.create("multimnist", "train", seed=1, **kw)
     other = data.create("multimnist", "train", seed=2, **kw)
     assert isinstance(ds, data.MultiMNISTDataset)
-    assert ds.images.shape == (180, 1, 36, 36) and ds.image_size == (36, 36)
+    assert ds.images.shape == (180, 1, 36, 36) and ds.input_size == (36, 36)
     assert torch.equal(ds.images, again.images) and torch.equal(ds.labels2, again.labels2)
     assert not torch.equal(ds.images, other.images)
     src = data.create("mnist", "train", root=root, verify=False)
@@ -264,7 +264,7 @@ def test_cifar10_batches_and_presets(tmp_path):
     x = ds.images[:5].float() / 255
     assert ds.train_transform(x, torch.Generator().manual_seed(0)).shape == (5, 3, 32, 32)
     sab = data.create("cifar10", "test", root=tmp_path, verify=False, preprocessing="sabour")
-    assert sab.image_size == (24, 24) and len(sab) == 4
+    assert sab.input_size == (24, 24) and len(sab) == 4
     assert sab.eval_transform(x).shape == (5, 3, 24, 24)
     with pytest.raises(CorruptFileError, match="c99cafc152244af753f735de768cd75f"):
         data.create("cifar10", "train", root=tmp_path)
@@ -282,16 +282,16 @@ def test_image_folder_with_holdout(tmp_path):
         for i in range(10):
             write_png(tmp_path / "imgs" / cls / f"{i}.png", rng.integers(0, 256, (6, 5), np.uint8))
     path = tmp_path / "imgs"
-    train = data.create(f"folder:{path}", "train", image_size=(8, 8))
-    test = data.create(f"folder:{path}", "test", image_size=(8, 8))
+    train = data.create(f"folder:{path}", "train", input_size=(8, 8))
+    test = data.create(f"folder:{path}", "test", input_size=(8, 8))
     assert train.classes == ["cat", "dog", "emu"] and train.in_channels == 1
     assert train.images.shape[1:] == (1, 8, 8) and len(train) == 27 and len(test) == 3
     assert test.label_counts().tolist() == [1, 1, 1]  # stratified
     assert not set(train.meta["files"]) & set(test.meta["files"])
-    cached = data.create(f"folder:{path}", "train", image_size=(8, 8))
+    cached = data.create(f"folder:{path}", "train", input_size=(8, 8))
     assert torch.equal(cached.images, train.images)
     with pytest.raises(DatasetNotFoundError, match="nothing to test"):
-        data.create("folder", "test", path=path, holdout=0.0, image_size=8)
+        data.create("folder", "test", path=path, holdout=0.0, input_size=8)
 
 
 def test_image_folder_train_test_subfolders_rgb(tmp_path):
@@ -306,7 +306,7 @@ def test_image_folder_train_test_subfolders_rgb(tmp_path):
     train = data.create("folder", "train", path=tmp_path, augment="crop_flip", padding=1)
     test = data.create("folder", "test", path=tmp_path)
     assert train.in_channels == 3 and len(train) == 8 and len(test) == 4
-    assert train.image_size == (5, 5) and test.classes == ["a", "b"]
+    assert train.input_size == (5, 5) and test.classes == ["a", "b"]
     x, _ = next(iter(data.BatchLoader(train, 8)))
     assert x.shape == (8, 3, 5, 5)
 
@@ -353,3 +353,12 @@ def test_affnist_checksummed_on_first_use(tmp_path, monkeypatch):
     with pytest.raises(CorruptFileError, match=r"2\.mat: SHA-256 .* differs"):
         data.create("affnist", "test", root=tmp_path, batches=[1, 2])
     data.create("affnist", "test", root=tmp_path, batches=[1, 2], verify=False)  # opt out
+
+
+def test_image_size_is_the_former_name_of_input_size(tmp_path):
+    ds = data.ImageDataset(
+        torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), classes=["a", "b"]
+    )
+    assert ds.image_size == ds.input_size == (4, 4)
+    with pytest.warns(DeprecationWarning, match="input_size"):
+        assert data.dataset_info("mnist").image_size == (28, 28)

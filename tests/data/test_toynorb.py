@@ -204,7 +204,7 @@ def test_dataset_splits_disjoint_instances_and_preprocessing(tiny_root):
     assert set(train.info[:, 0].tolist()) == {4} and set(test.info[:, 0].tolist()) == {0}
     assert set(TRAIN_INSTANCES).isdisjoint(TEST_INSTANCES)
     assert sorted(TRAIN_INSTANCES + TEST_INSTANCES) == list(range(10))
-    assert train.images.shape == (324, 1, 8, 8) and train.image_size == (4, 4)
+    assert train.images.shape == (324, 1, 8, 8) and train.input_size == (4, 4)
     assert "not smallNORB" in train.meta["note"]
     x = data.to_float(train.images[:4])
     y = train.eval_transform(x)
@@ -293,7 +293,7 @@ def test_missing_files_generated_on_first_use(tmp_path, monkeypatch, capsys):
 def test_registry_and_recipes_accept_toynorb():
     info = data.dataset_info("toynorb")
     assert info.splits == ("train", "test", "test_familiar", "test_novel")
-    assert (info.image_size, info.in_channels, info.num_classes) == ((32, 32), 1, 5)
+    assert (info.input_size, info.in_channels, info.num_classes) == ((32, 32), 1, 5)
     assert info.extra["generate"] is toynorb_dataset.generate_files
     from capsnet.config import load_recipe
 

@@ -159,7 +159,7 @@ def download_affnist_test(root: Path, *, url: str | None = None, progress: bool 
 
 @register_dataset(
     splits=("test",),
-    image_size=(40, 40),
+    input_size=(40, 40),
     in_channels=1,
     num_classes=10,
     paper="Sabour et al. 2017, affNIST generalisation (79 % CapsNet vs 66 % CNN)",

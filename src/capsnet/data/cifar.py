@@ -142,7 +142,7 @@ def _not_found(root: Path, split: str) -> DatasetNotFoundError:
 
 
 @register_dataset(
-    image_size=(32, 32),
+    input_size=(32, 32),
     in_channels=3,
     num_classes=10,
     paper="Sabour et al. 2017 (CIFAR-10 10.6 %, 7-model ensemble)",

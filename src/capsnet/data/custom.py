@@ -5,7 +5,7 @@
   ``PATH/test`` (or ``val``/``valid``/``validation``) exist they are the splits; otherwise a
   seeded, stratified ``holdout`` fraction (default 10 %) of every class is the test split.
   Classes are the sorted sub-folder names (the same indices in every split). Images are
-  resized to ``image_size`` (default: the size of the first image) and kept grayscale
+  resized to ``input_size`` (default: the size of the first image) and kept grayscale
   when every image is grey (R = G = B), else RGB (``channels=1|3`` forces it). Decoded
   tensors are cached, keyed by the files' names, sizes and modification times.
 * ``npz:PATH``: a NumPy ``.npz`` with ``x_train``/``y_train`` and ``x_test``/``y_test`` (or
@@ -23,6 +23,7 @@ and ``standardize=True`` adds per-image standardisation to training and evaluati
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ AUGMENTATIONS = ("shift", "crop_flip", "flip", "none")
 
 def augmentation(
     augment: str,
-    image_size: tuple[int, int],
+    input_size: tuple[int, int],
     *,
     max_shift: int = 2,
     padding: int = 4,
@@ -72,7 +73,7 @@ def augmentation(
     if augment == "shift":
         train: Transform = RandomShift(max_shift)
     elif augment == "crop_flip":
-        train = Compose([RandomCrop(image_size, padding=padding), RandomFlip()])
+        train = Compose([RandomCrop(input_size, padding=padding), RandomFlip()])
     elif augment == "flip":
         train = RandomFlip()
     elif augment == "none":
@@ -194,7 +195,7 @@ def _decode(
 
 
 @register_dataset(
-    image_size=None,
+    input_size=None,
     in_channels=None,
     num_classes=None,
     description="your images: PATH/<class>/*.png|jpg (PATH/train, PATH/test optional)",
@@ -205,7 +206,7 @@ def folder(
     download: bool = False,
     *,
     path: str | os.PathLike | None = None,
-    image_size: int | Sequence[int] | None = None,
+    input_size: int | Sequence[int] | None = None,
     channels: int | None = None,
     holdout: float = 0.1,
     holdout_seed: int = 0,
@@ -215,8 +216,18 @@ def folder(
     standardize: bool = False,
     cache: bool = True,
     progress: bool = True,
+    image_size: int | Sequence[int] | None = None,
 ) -> ImageDataset:
-    """Images in class sub-folders (see the module docstring); ``create("folder:PATH")``."""
+    """Images in class sub-folders (see the module docstring); ``create("folder:PATH")``.
+
+    ``input_size`` resizes every image to ``(H, W)`` (an int: square); ``image_size`` is its
+    former name (deprecated).
+    """
+    if image_size is not None:
+        if input_size is not None:
+            raise TypeError("pass input_size (image_size is its deprecated former name)")
+        warnings.warn("folder: image_size is deprecated; use input_size", DeprecationWarning, 2)
+        input_size = image_size
     if path is None:
         raise ValueError("the folder dataset needs a path: create('folder:PATH') or path=PATH")
     base = Path(path).expanduser()
@@ -227,10 +238,10 @@ def folder(
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     size: tuple[int, int] | None = None
-    if image_size is not None:
-        dims = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if input_size is not None:
+        dims = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if len(dims) != 2 or min(dims) < 1:
-            raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+            raise ValueError(f"input_size must be a positive int or (H, W), got {input_size!r}")
         size = (dims[0], dims[1])
     splits = _split_folders(base)
     if splits:
@@ -261,9 +272,9 @@ def folder(
     if images is None:
         try:
             images = _decode(files, size, channels, progress)
-        except ValueError as exc:  # differing sizes without image_size
+        except ValueError as exc:  # differing sizes without input_size
             raise CorruptFileError(
-                f"{source}: images have different sizes; pass image_size= to resize ({exc})"
+                f"{source}: images have different sizes; pass input_size= to resize ({exc})"
             ) from exc
         if cache:
             cache_save(root_path, "folder", key, {"images": images})
@@ -317,7 +328,7 @@ _NPZ_KEYS = {
 
 
 @register_dataset(
-    image_size=None,
+    input_size=None,
     in_channels=None,
     num_classes=None,
     description="your arrays: PATH.npz with x_train/y_train, x_test/y_test (optional classes)",

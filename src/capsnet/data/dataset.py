@@ -87,15 +87,16 @@ class ImageDataset(Dataset):
         meta: free-form information (source files, generator seed, ...).
 
     Attributes:
-        images, labels, classes, num_classes, in_channels, image_size (the ``(H, W)`` the
-        model sees, i.e. after ``eval_transform``), train_transform, eval_transform,
-        extras (names), meta.
+        images, labels, classes, num_classes, in_channels, input_size (the ``(H, W)`` the
+        model sees, i.e. after ``eval_transform``: the models' ``input_size``; formerly
+        ``image_size``, still readable), train_transform, eval_transform, extras (names),
+        meta.
 
     Shape:
         - ``images``: ``(N, C, H, W)`` uint8; ``labels``: ``(N,)`` int64.
         - ``train_transform(x, generator)`` / ``eval_transform(x)``: float ``(B, C, H, W)``
-          in [0, 1] -> ``(B, C, *image_size)``.
-        - ``dataset[i]``: ``(eval_transform(image) (C, *image_size) float32, int label)``.
+          in [0, 1] -> ``(B, C, *input_size)``.
+        - ``dataset[i]``: ``(eval_transform(image) (C, *input_size) float32, int label)``.
     """
 
     def __init__(
@@ -143,10 +144,10 @@ class ImageDataset(Dataset):
                 raise TypeError(f"transforms must be Transform objects, got {type(t).__name__}")
         stored = (images.shape[2], images.shape[3])
         train_size = self.train_transform.output_size(stored)
-        self.image_size: tuple[int, int] = self.eval_transform.output_size(stored)
-        if train_size != self.image_size:
+        self.input_size: tuple[int, int] = self.eval_transform.output_size(stored)
+        if train_size != self.input_size:
             raise ValueError(
-                f"train_transform gives {train_size} images but eval_transform {self.image_size}"
+                f"train_transform gives {train_size} images but eval_transform {self.input_size}"
             )
         self.meta = dict(meta or {})
         self.extras: list[str] = []
@@ -188,6 +189,11 @@ class ImageDataset(Dataset):
         out.meta = dict(self.meta)
         return out
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The former name of :attr:`input_size` (kept readable for a release)."""
+        return self.input_size
+
     def label_counts(self) -> Tensor:
         """Number of examples per class, ``(num_classes,)`` int64."""
         return torch.bincount(self.labels, minlength=self.num_classes)
@@ -195,7 +201,7 @@ class ImageDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"stored={tuple(self.images.shape[1:])}, image_size={self.image_size}, "
+            f"stored={tuple(self.images.shape[1:])}, input_size={self.input_size}, "
             f"classes={self.num_classes}, train_transform={self.train_transform!r}, "
             f"eval_transform={self.eval_transform!r})"
         )

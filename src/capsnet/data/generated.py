@@ -99,7 +99,7 @@ def generate_affine(
 
 
 @register_dataset(
-    image_size=(40, 40),
+    input_size=(40, 40),
     in_channels=1,
     num_classes=10,
     paper="Sabour et al. 2017, affNIST experiment (self-generated stand-in test set)",
@@ -279,7 +279,7 @@ class MultiMNISTDataset(ImageDataset):
 
 
 @register_dataset(
-    image_size=(36, 36),
+    input_size=(36, 36),
     in_channels=1,
     num_classes=10,
     paper="Sabour et al. 2017, MultiMNIST (5.2 % error)",

@@ -72,7 +72,7 @@ class BatchLoader:
     ``DistributedSampler``) gives the same result and is the resumable way.
 
     Shape:
-        - images: ``(B, C, *dataset.image_size)`` float32 on ``device``.
+        - images: ``(B, C, *dataset.input_size)`` float32 on ``device``.
         - labels: ``(B,)`` int64 on ``device``; indices: ``(B,)`` int64 on the CPU.
     """
 

@@ -176,7 +176,7 @@ def _idx_dataset(
 
 
 @register_dataset(
-    image_size=(28, 28),
+    input_size=(28, 28),
     in_channels=1,
     num_classes=10,
     paper="Sabour et al. 2017 (MNIST 0.25 %); Hinton et al. 2018 (MNIST 0.44 %)",
@@ -199,7 +199,7 @@ def mnist(
 
 
 @register_dataset(
-    image_size=(28, 28),
+    input_size=(28, 28),
     in_channels=1,
     num_classes=10,
     description="Fashion-MNIST 28x28; train: random shift up to max_shift=2 px",
@@ -227,7 +227,7 @@ def fashion_mnist(
 
 
 @register_dataset(
-    image_size=(40, 40),
+    input_size=(40, 40),
     in_channels=1,
     num_classes=10,
     paper="Sabour et al. 2017, affNIST experiment (train input)",

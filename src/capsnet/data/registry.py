@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ class DatasetInfo:
         name: registry name.
         factory: ``factory(split, root, download, **kwargs) -> ImageDataset``.
         splits: accepted split names.
-        image_size: ``(H, W)`` the model sees, or ``None`` when it depends on the data.
+        input_size: ``(H, W)`` the model sees (the models' ``input_size``), or ``None``
+            when it depends on the data. (``image_size``: its former name, deprecated.)
         in_channels: image channels, or ``None`` when it depends on the data.
         num_classes: classes, or ``None`` when it depends on the data.
         paper: the experiment(s) it feeds.
@@ -42,13 +44,19 @@ class DatasetInfo:
     name: str
     factory: Callable[..., ImageDataset]
     splits: tuple[str, ...] = ("train", "test")
-    image_size: tuple[int, int] | None = None
+    input_size: tuple[int, int] | None = None
     in_channels: int | None = None
     num_classes: int | None = None
     paper: str = ""
     description: str = ""
     download: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """Deprecated name of :attr:`input_size`."""
+        warnings.warn("DatasetInfo.image_size is deprecated; use input_size", DeprecationWarning, 2)
+        return self.input_size
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
@@ -62,6 +70,8 @@ def register_dataset(name: str | None = None, **metadata: Any) -> Callable:
         key = name or factory.__name__
         if key in _REGISTRY:
             raise ValueError(f"dataset {key!r} is already registered")
+        if "image_size" in metadata:  # the former name
+            metadata["input_size"] = metadata.pop("image_size")
         _REGISTRY[key] = DatasetInfo(name=key, factory=factory, **metadata)
         return factory
 

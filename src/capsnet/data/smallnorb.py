@@ -333,7 +333,7 @@ def check_norb_options(split: str, viewpoint: str | None, size: int, crop_size: 
 
 @register_dataset(
     splits=("train", "test", "test_familiar", "test_novel"),
-    image_size=(32, 32),
+    input_size=(32, 32),
     in_channels=1,
     num_classes=5,
     paper="Hinton et al. 2018 (smallNORB 1.8 %; novel viewpoints)",

@@ -11,7 +11,7 @@ Letters: B batch, C channels, H x W spatial size. Example: a Sabour MNIST traini
 is ``(128, 1, 28, 28)`` and :class:`RandomShift` ``(max_shift=2)`` keeps that shape.
 
 Transforms know the output size for a given input size (:meth:`Transform.output_size`),
-which is how a dataset reports the ``image_size`` the model sees.
+which is how a dataset reports the ``input_size`` the model sees.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def affnist_experiment(
     familiar accuracies so a mismatch is visible.
     """
     check_models(models)
-    size = tuple(getattr(affine, "image_size", ()))
+    size = tuple(getattr(affine, "input_size", ()))
     for label, model in models.items():
         model_size = tuple(getattr(model, "input_size", ()))
         if size and model_size and model_size != size:

@@ -60,7 +60,7 @@ def generate_files(
 
 @register_dataset(
     splits=("train", "test", "test_familiar", "test_novel"),
-    image_size=(32, 32),
+    input_size=(32, 32),
     in_channels=1,
     num_classes=5,
     paper="Hinton et al. 2018 protocol on rendered toys (stand-in, not smallNORB)",
