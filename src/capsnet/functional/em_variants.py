@@ -75,6 +75,18 @@ class EMVariant(NamedTuple):
     source: str = ""
 
 
+#: The official code's numbers (see the "official" entry below for their sources).
+_OFFICIAL = {
+    "beta_a_scale": -5000.0,
+    "beta_u_scale": 1.0 + math.log(2.0 * math.pi),
+    "log_var_scale": 1.0,
+    "mean_momentum": 0.1,
+    "var_floor": 5e-4,
+    "eps": 1e-7,
+    "conv_normalization": "per_type",
+    "final_lambda": 0.01,
+}
+
 EM_VARIANTS: dict[str, EMVariant] = {
     # [H18] §3 and Procedure 1 as written; the numbers the paper leaves open are capsnet's
     # earlier choices (variance floor 1e-6, eps 1e-8, lambda 1 -> 3 in the functions).
@@ -86,16 +98,12 @@ EM_VARIANTS: dict[str, EMVariant] = {
     # conv_capsule_mat / connector_capsule_mat); masses + 1e-7; the conv posterior is
     # normalised over positions per (input type, output type) and starts at 1 / O.
     "official": EMVariant(
-        name="official",
-        beta_a_scale=-5000.0,
-        beta_u_scale=1.0 + math.log(2.0 * math.pi),
-        log_var_scale=1.0,
-        mean_momentum=0.1,
-        var_floor=5e-4,
-        eps=1e-7,
-        conv_normalization="per_type",
-        final_lambda=0.01,
-        source="google-research capsule_em, em_layers.py",
+        name="official", source="google-research capsule_em, em_layers.py", **_OFFICIAL
+    ),
+    # The official code's routing maths (as "official"); its layers (lambda per layer) too,
+    # but capsnet's initialisation: see capsnet.layers.matrix.EM_LAYER_VARIANTS["capsnet"].
+    "capsnet": EMVariant(
+        name="capsnet", source="the official routing maths; capsnet's initialisation", **_OFFICIAL
     ),
     # IBM/matrix-capsules-with-em-routing em_routing.py, m_step: cost_j_h = (beta_v +
     # 0.5 log var_j) * rr_prime_sum * layer_norm_factor, layer_norm_factor =

@@ -136,6 +136,17 @@ EM_LAYER_VARIANTS: dict[str, EMLayerVariant] = {
         primary=(0.05, 0.1, 0.5, 3.0, -1.0),
         source="google-research capsule_em em_layers.py, simple_model.py, experiment.py",
     ),
+    # The official code's schedule (class layer final_beta / 4, class eps 1e-5) with
+    # capsnet's initialisation ("paper": W = identity + N(0, 0.5^2), betas 0, PyTorch's
+    # default for Conv1 and PrimaryCaps) instead of the official W stds 0.3 / 0.01 and
+    # biases 0.5-2.0, which leave the class votes ~1e-5 and the pose path without gradient
+    # in capsnet's model (docs/em_variants.md).
+    "capsnet": EMLayerVariant(
+        final_lambda=0.01,
+        class_lambda_factor=0.25,
+        class_eps=1e-5,
+        source="google-research capsule_em schedules; capsnet's initialisation",
+    ),
     # IBM matrix-capsules-with-em-routing: config.py final_lambda = 0.01 in every layer;
     # em_routing.py em_routing: beta_a ~ truncated N(-1000, 500^2), beta_v Xavier;
     # utils.compute_votes: w ~ truncated N(0, 1).
