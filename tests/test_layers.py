@@ -234,7 +234,12 @@ def test_conv_matrix_capsules_votes_match_plain_loops(stride):
 
 
 #: Inverse temperatures that keep each variant's activations away from 0 and 1 here.
-VARIANT_LAMBDAS = {"paper": [1.0, 1.0, 1.0], "official": [1e-4] * 3, "gritzman": [1e-4] * 3}
+VARIANT_LAMBDAS = {
+    "paper": [1.0, 1.0, 1.0],
+    "official": [1e-4] * 3,
+    "gritzman": [1e-4] * 3,
+    "capsnet": [1e-4] * 3,
+}
 
 
 @pytest.mark.parametrize("variant", list(L.EM_LAYER_VARIANTS))

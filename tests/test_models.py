@@ -426,7 +426,7 @@ def test_matrix_capsnet_paper_variant_activation_path_is_off():
         assert norms[layer]["grad_activation"] < 1e-2 * norms[layer]["grad_pose"], layer
 
 
-@pytest.mark.parametrize("variant", ["paper", "official", "gritzman"])
+@pytest.mark.parametrize("variant", ["paper", "official", "gritzman", "capsnet"])
 def test_matrix_capsnet_variants_finite_under_degenerate_inputs_and_bfloat16(variant):
     torch.manual_seed(0)
     model = M.create("matrix_capsnet", variant=variant, A=16, B=4, C=4, D=4, iterations=3)

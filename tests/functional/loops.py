@@ -104,6 +104,8 @@ def ref_m_step(
 
 #: var_floor, eps of each variant's source (paper: capsnet's choice).
 FLOORS = {"paper": (1e-6, 1e-8), "official": (5e-4, 1e-7), "gritzman": (1e-9, 1e-9)}
+#: Variants that share another's routing maths (they differ only in their layers).
+FORMS = {"capsnet": "official"}
 
 
 def ref_e_step(votes, mus, variances, acts):
@@ -129,6 +131,7 @@ def ref_em_routing(
     variant="paper",
 ):  # fmt: skip
     """[H18] Procedure 1 for one group, loops over i, j, h. votes: (I, O, D), a: (I,)."""
+    variant = FORMS.get(variant, variant)
     var_floor = FLOORS[variant][0] if var_floor is None else var_floor
     eps = FLOORS[variant][1] if eps is None else eps
     n_in, n_out, _ = votes.shape
@@ -151,6 +154,7 @@ def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas
     ``variant="official"`` (em_layers.update_conv_routing) a child is normalised over the
     parent positions of each parent type separately and starts from R = 1 / O.
     """
+    variant = FORMS.get(variant, variant)
     var_floor, eps = FLOORS[variant]
     per_type = variant == "official"
     h_in, w_in = in_size

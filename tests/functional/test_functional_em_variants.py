@@ -29,8 +29,9 @@ LAMBDAS = {
     "paper": [0.01, 0.02, 0.03],
     "official": [0.01, 0.02, 0.03],
     "gritzman": [5e-4, 1e-3, 1.5e-3],
+    "capsnet": [0.01, 0.02, 0.03],
 }
-BETA_A = {"paper": 0.5, "official": 1e-3, "gritzman": 50.0}
+BETA_A = {"paper": 0.5, "official": 1e-3, "gritzman": 50.0, "capsnet": 1e-3}
 
 
 def _inputs(batch, n_in, n_out, dim, variant, seed=3):
@@ -64,7 +65,11 @@ def _conv_inputs(h, w, k, stride, types, n_out, variant, n=1, seed=11):
 
 class TestRegistry:
     def test_names_and_errors(self):
-        assert set(EM_VARIANTS) == {"paper", "official", "gritzman"}
+        assert set(EM_VARIANTS) == {"paper", "official", "gritzman", "capsnet"}
+        # capsnet shares the official routing maths; only its layers differ
+        assert EM_VARIANTS["capsnet"]._replace(name="official", source="") == EM_VARIANTS[
+            "official"
+        ]._replace(source="")
         assert resolve_em_variant("official") is EM_VARIANTS["official"]
         custom = EMVariant("mine", beta_a_scale=2.0)
         assert resolve_em_variant(custom) is custom

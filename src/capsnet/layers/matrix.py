@@ -61,8 +61,9 @@ def _check_grid(
 def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
     """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default.
 
-    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code:
-    ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code
+    (``em_layers.update_em_routing``: ``final_beta * (1 - tf.pow(0.95, i + 1))``, with
+    ``final_beta / 4`` in the class layer): ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
 
     Note:
         Not :func:`capsnet.functional.default_inverse_temperatures` (lambda 1 -> 3): with
@@ -165,7 +166,7 @@ EM_LAYER_VARIANTS: dict[str, EMLayerVariant] = {
 #: The EM variant of the layers and of ``matrix_capsnet`` when none is given: chosen by
 #: the learning curves of docs/results.md ("EM routing variants"). Checkpoints saved
 #: without a ``variant`` were built with ``"paper"`` and load as such.
-DEFAULT_EM_VARIANT = "gritzman"
+DEFAULT_EM_VARIANT = "capsnet"
 
 
 def _layer_variant(variant: str) -> EMLayerVariant:
@@ -281,15 +282,17 @@ class ConvMatrixCapsules(RoutingLayer):
     Every parent position routes the ``K*K*in_types`` children of its receptive field (a valid,
     unpadded convolution with ``stride``). Votes ``V = M W`` use one 4x4 ``W`` per (kernel
     offset, input type, output type), shared across positions; ``beta_u`` and ``beta_a``
-    are learned per output type (zeros at init).
+    are learned per output type (initialised as the variant says).
 
     ``routing`` selects how a child's assignments are normalised:
 
-    * ``"faithful"`` (default): over every parent, at every output position and of every
-      type, whose receptive field contains the child
-      (:func:`capsnet.functional.conv_em_routing`). This is what a child feeding several
-      overlapping parents means in [H18]; the official code and the best reproduction
-      ([G19], pitfall 1) do it, so it is the default.
+    * ``"faithful"`` (default): over the parents at several output positions whose
+      receptive field contains the child (:func:`capsnet.functional.conv_em_routing`):
+      over all of them, of every type, for ``"paper"`` and ``"gritzman"`` ([G19], pitfall
+      1, and IBM's ``softmax_across_parents``), or over the positions of each parent type
+      for ``"official"`` and ``"capsnet"`` (the official ``update_conv_routing``). This is
+      what a child feeding several overlapping parents means in [H18], so it is the
+      default.
     * ``"per_position"``: each receptive field routed on its own, over the ``C`` parents of
       that position (:func:`capsnet.functional.em_routing` on the same tensors): the common
       simplification of public implementations, a little cheaper.
