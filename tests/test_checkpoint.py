@@ -16,9 +16,9 @@ from capsnet.models import create
 TINY = dict(conv_channels=8, primary_types=2, primary_dim=4, class_dim=4)
 
 
-def _save(run_dir, model, opt=None, sched=None, step=0, tag="last", kwargs=None):
+def _save(run_dir, model, opt=None, sched=None, step=0, tag="last", kwargs=None, name="capsnet"):
     ck.save_checkpoint(
-        run_dir, tag, model, model_name="capsnet", model_kwargs=kwargs or {},
+        run_dir, tag, model, model_name=name, model_kwargs=kwargs or {},
         config={"seed": 0}, trainer_state={"epoch": 0, "step": step},
         optimizer=opt, scheduler=sched,
     )  # fmt: skip
@@ -141,6 +141,29 @@ def test_load_rebuilds_model_for_inference(tmp_path):
         assert torch.allclose(loaded(x).scores, expected)
     last = capsnet.load(tmp_path, which="last")
     assert not torch.allclose(last(x).scores, expected)
+
+
+def test_matrix_capsnet_saved_without_variant_loads_as_before(tmp_path):
+    """A run from before the EM variants (no ``variant`` or ``iterations`` in its
+    model_kwargs) rebuilds with the defaults of then: ``"paper"`` maths, 2 iterations."""
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 4, "in_channels": 1, "input_size": [28, 28], "A": 8, "B": 2}
+    old = create("matrix_capsnet", variant="paper", iterations=2, **kwargs)
+    _save(tmp_path, old, tag="best", kwargs=kwargs, name="matrix_capsnet")
+    loaded = capsnet.load(tmp_path)
+    assert loaded.variant == "paper" and loaded.iterations == 2
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x).scores, old.eval()(x).scores)
+    fresh = create("matrix_capsnet", **kwargs)
+    assert fresh.variant != "paper" or fresh.iterations != 2  # the defaults did change
+    # a checkpoint that records its variant keeps it
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    recorded = {**kwargs, "variant": "gritzman", "iterations": 3}
+    model = create("matrix_capsnet", **recorded)
+    _save(new_dir, model, tag="best", kwargs=recorded, name="matrix_capsnet")
+    again = capsnet.load(new_dir)
+    assert again.variant == "gritzman" and again.iterations == 3
 
 
 def test_load_errors(tmp_path):

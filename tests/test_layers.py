@@ -227,9 +227,22 @@ def test_conv_matrix_capsules_votes_match_plain_loops(stride):
     assert child_act.shape == votes.shape[:3]
 
 
-def test_conv_matrix_capsules_routing_modes():
+#: Inverse temperatures that keep each variant's activations away from 0 and 1 here.
+VARIANT_LAMBDAS = {
+    "paper": [1.0, 1.0, 1.0],
+    "official": [1e-4] * 3,
+    "gritzman": [1e-4] * 3,
+    "capsnet": [1e-4] * 3,
+}
+
+
+@pytest.mark.parametrize("variant", list(L.EM_LAYER_VARIANTS))
+def test_conv_matrix_capsules_routing_modes(variant):
     torch.manual_seed(0)
-    kwargs = dict(kernel_size=3, stride=1, iterations=3, inverse_temperatures=[1.0, 1.0, 1.0])
+    lambdas = VARIANT_LAMBDAS[variant]
+    kwargs = dict(
+        kernel_size=3, stride=1, iterations=3, inverse_temperatures=lambdas, variant=variant
+    )
     faithful = L.ConvMatrixCapsules(2, out_types=3, **kwargs).double()
     per_pos = L.ConvMatrixCapsules(2, out_types=3, routing="per_position", **kwargs).double()
     per_pos.load_state_dict(faithful.state_dict())
@@ -239,13 +252,13 @@ def test_conv_matrix_capsules_routing_modes():
     mu_f, a_f = faithful(poses, act)
     mu_ref, a_ref, _ = CF.conv_em_routing(
         votes, child_act, *betas, in_size=(5, 6), kernel_size=3, stride=1,
-        iterations=3, inverse_temperatures=[1.0, 1.0, 1.0],
+        iterations=3, inverse_temperatures=lambdas, variant=variant,
     )  # fmt: skip
     assert mu_f.shape == (2, 3, 4, 3, 16) and a_f.shape == (2, 3, 4, 3)
     torch.testing.assert_close(mu_f.reshape(mu_ref.shape), mu_ref)
     torch.testing.assert_close(a_f.reshape(a_ref.shape), a_ref)
     mu_p, a_p = per_pos(poses, act)
-    mu_ref, a_ref, _ = CF.em_routing(votes, child_act, *betas, 3, [1.0, 1.0, 1.0])
+    mu_ref, a_ref, _ = CF.em_routing(votes, child_act, *betas, 3, lambdas, variant=variant)
     torch.testing.assert_close(a_p.reshape(a_ref.shape), a_ref)
     torch.testing.assert_close(mu_p.reshape(mu_ref.shape), mu_ref)
     assert not torch.allclose(a_p, a_f)  # overlapping receptive fields: the forms differ
@@ -307,11 +320,15 @@ def test_class_matrix_capsules_votes_and_coordinate_addition(grid):
                     offset[0], offset[1] = (r + 0.5) / h, (c + 0.5) / w
                     torch.testing.assert_close(votes[:, child, o], v.reshape(2, 16) + offset)
     mu, a = with_ca(poses, act)
-    lambdas = L.authors_inverse_temperatures(2)  # the layers' default schedule
+    # the layers' default schedule: the default variant's final lambda, in the class
+    # layer times its class_lambda_factor
+    lv = L.EM_LAYER_VARIANTS[with_ca.variant]
+    lambdas = L.authors_inverse_temperatures(2, lv.final_lambda * lv.class_lambda_factor)
     assert with_ca.inverse_temperatures == tuple(lambdas)
     mu_ref, a_ref, _ = CF.em_routing(
-        votes, act.reshape(2, -1), with_ca.beta_u, with_ca.beta_a, 2, lambdas
-    )
+        votes, act.reshape(2, -1), with_ca.beta_u, with_ca.beta_a, 2, lambdas,
+        variant=with_ca.variant, eps=lv.class_eps,
+    )  # fmt: skip
     assert mu.shape == (2, 4, 16) and a.shape == (2, 4)
     torch.testing.assert_close(mu, mu_ref)
     torch.testing.assert_close(a, a_ref)
@@ -339,13 +356,42 @@ def test_matrix_layer_stack_shapes(size):
 
 
 def test_transformation_matrix_init_and_parameter_count():
-    layer = L.ConvMatrixCapsules(8, out_types=16, kernel_size=3, stride=2)
+    torch.manual_seed(0)
+    layer = L.ConvMatrixCapsules(8, out_types=16, kernel_size=3, stride=2, variant="paper")
     assert sum(p.numel() for p in layer.parameters()) == 9 * 8 * 16 * 16 + 2 * 16
     assert layer.beta_u.abs().sum() == 0 and layer.beta_a.abs().sum() == 0
     mean = layer.weight.detach().mean(dim=(0, 1, 2))
     torch.testing.assert_close(mean, torch.eye(4), atol=0.1, rtol=0)
     cls = L.ClassMatrixCapsules(16, num_classes=10)
     assert sum(p.numel() for p in cls.parameters()) == 16 * 10 * 16 + 2 * 10
+
+
+def test_variant_initialisations_follow_their_sources():
+    torch.manual_seed(0)
+    off = L.ConvMatrixCapsules(8, out_types=16, variant="official")
+    assert off.weight.std().item() == pytest.approx(0.3 * 0.88, rel=0.05)  # truncated at 2 std
+    assert off.weight.abs().max() <= 0.6 and off.weight.mean().abs() < 0.01
+    assert (off.beta_a == 0.5).all() and (off.beta_u == 0.5).all()
+    assert off.inverse_temperatures == pytest.approx(L.authors_inverse_temperatures(3))
+    off_cls = L.ClassMatrixCapsules(16, num_classes=10, variant="official")
+    assert off_cls.weight.abs().max() <= 0.02
+    assert (off_cls.beta_a == 1.0).all() and (off_cls.beta_u == 2.0).all()
+    assert off_cls.inverse_temperatures == pytest.approx(L.authors_inverse_temperatures(3, 0.0025))
+    ibm = L.ConvMatrixCapsules(8, out_types=16, variant="gritzman")
+    assert ibm.weight.std().item() == pytest.approx(0.88, rel=0.05)
+    assert (ibm.beta_a <= 0).all() and (ibm.beta_a >= -2000).all() and ibm.beta_a.mean() < -500
+    assert ibm.beta_u.abs().max() <= (6 / 17) ** 0.5 and ibm.beta_u.abs().sum() > 0
+    prim = L.PrimaryMatrixCapsules(64, out_types=8, variant="official")
+    assert (prim.activation.bias == -1.0).all() and prim.activation.weight.std() > 2.0
+    with pytest.raises(ValueError, match="variant must be one of"):
+        L.ConvMatrixCapsules(8, out_types=4, variant="offical")
+    with torch.no_grad():  # init_std overrides the variant's std
+        assert (
+            L.ConvMatrixCapsules(8, out_types=4, variant="official", init_std=0.01)
+            .weight.abs()
+            .max()
+            <= 0.02
+        )
 
 
 # --------------------------------------------------------------------------- checkpoint

@@ -214,7 +214,7 @@ def test_bfloat16_autocast_is_finite(name):
 
 @pytest.mark.parametrize(
     "name, lr, steps",
-    [("capsnet", 3e-3, 20), ("matrix_capsnet", 1e-2, 20), ("hinton_cnn", 1e-3, 10),
+    [("capsnet", 3e-3, 20), ("matrix_capsnet", 1e-2, 30), ("hinton_cnn", 1e-3, 10),
      ("sabour_cnn", 1e-3, 12)],
 )  # fmt: skip
 def test_overfits_a_tiny_batch(name, lr, steps):
@@ -353,25 +353,103 @@ def test_matrix_capsnet_activation_conv_gets_gradient():
 
 
 def test_matrix_capsnet_default_lambda_schedule_and_why():
+    from capsnet.layers import DEFAULT_EM_VARIANT, EM_LAYER_VARIANTS
     from capsnet.models.matrix_capsnet import authors_inverse_temperatures
 
     assert authors_inverse_temperatures(3) == pytest.approx([0.0005, 0.000975, 0.00142625])
     model = M.create("matrix_capsnet")
-    for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
-        assert layer.iterations == 2
-        assert layer.inverse_temperatures == pytest.approx(authors_inverse_temperatures(2))
+    assert model.variant == DEFAULT_EM_VARIANT and model.iterations == 3
+    lv = EM_LAYER_VARIANTS[DEFAULT_EM_VARIANT]
+    for layer in (model.conv_caps1, model.conv_caps2):
+        assert layer.iterations == 3 and layer.variant == DEFAULT_EM_VARIANT
+        assert layer.inverse_temperatures == pytest.approx(
+            authors_inverse_temperatures(3, lv.final_lambda)
+        )
         assert not layer.normalize_cost
-    # The reason (see MatrixCapsNet's Note): with the paper's cost and lambda 1 -> 3 the
-    # logistic saturates at initialisation and nothing below the class layer gets a gradient.
+    assert model.class_caps.inverse_temperatures == pytest.approx(
+        authors_inverse_temperatures(3, lv.final_lambda * lv.class_lambda_factor)
+    )
+    # Why small lambdas (see MatrixCapsNet's Note): with the paper's cost and lambda 1 -> 3
+    # the logistic saturates at initialisation and nothing below the class layer gets a
+    # gradient.
     torch.manual_seed(0)
     saturated = M.create(
-        "matrix_capsnet", iterations=3, inverse_temperatures=CF.default_inverse_temperatures(3)
-    )
+        "matrix_capsnet", iterations=3, variant="paper",
+        inverse_temperatures=CF.default_inverse_temperatures(3),
+    )  # fmt: skip
     images, labels = fake_digits(4)
     out = saturated(images)
     CF.spread_loss(out.scores, labels, margin=0.2).backward()
     assert (out.scores > 0.999).all()
     assert saturated.primary.pose.weight.grad.abs().max() < 1e-6
+
+
+def _fresh_gradient_norms(variant, iterations=3, seed=0):
+    from capsnet import probes
+
+    torch.manual_seed(seed)
+    model = M.create("matrix_capsnet", variant=variant, iterations=iterations)
+    images, labels = fake_digits(16, seed=seed)
+    CF.spread_loss(model(images).scores, labels, margin=0.2).backward()
+    return probes.em_gradient_norms(model)
+
+
+@pytest.mark.parametrize("iterations", [2, 3])
+def test_matrix_capsnet_default_variant_activation_path_is_alive(iterations):
+    """On a fresh model of the default variant, every EM layer's activation-path gradient
+    (beta_a) is within two orders of magnitude of its pose-path gradient (W, beta_u)."""
+    from capsnet.layers import DEFAULT_EM_VARIANT
+
+    norms = _fresh_gradient_norms(DEFAULT_EM_VARIANT, iterations)
+    for layer in ("conv_caps1", "conv_caps2", "class_caps"):
+        ratio = norms[layer]["grad_activation"] / norms[layer]["grad_pose"]
+        assert 1e-2 <= ratio <= 1e2, (layer, norms[layer])
+
+
+def test_matrix_capsnet_paper_variant_activation_path_is_off():
+    """The diagnosis the variants fix: with the paper's maths and lambda ~ 1e-3, beta_a's
+    gradient is 3-4 orders of magnitude below the pose path's."""
+    norms = _fresh_gradient_norms("paper")
+    for layer in ("conv_caps1", "conv_caps2", "class_caps"):
+        assert norms[layer]["grad_activation"] < 1e-2 * norms[layer]["grad_pose"], layer
+
+
+@pytest.mark.parametrize("variant", ["paper", "official", "gritzman", "capsnet"])
+def test_matrix_capsnet_variants_finite_under_degenerate_inputs_and_bfloat16(variant):
+    torch.manual_seed(0)
+    model = M.create("matrix_capsnet", variant=variant, A=16, B=4, C=4, D=4, iterations=3)
+    images, labels = fake_digits(3)
+    cases = {
+        "zeros": torch.zeros_like(images),
+        "ones": torch.ones_like(images),
+        "huge": images * 1e4,
+        "constant": torch.full_like(images, 0.5),
+    }
+    for name, x in cases.items():
+        for bf16 in (False, True):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+                loss = CF.spread_loss(out.scores.float(), labels, margin=0.2)
+            loss.backward()
+            assert torch.isfinite(out.scores.float()).all(), (name, bf16)
+            assert torch.isfinite(out.poses.float()).all(), (name, bf16)
+            for pname, p in model.named_parameters():
+                assert torch.isfinite(p.grad).all(), (name, bf16, pname)
+
+
+def test_matrix_capsnet_variant_reaches_every_layer_and_legacy_kwargs():
+    model = M.create("matrix_capsnet", variant="official")
+    layers = (model.primary, model.conv_caps1, model.conv_caps2, model.class_caps)
+    assert all(layer.variant == "official" for layer in layers)
+    assert M.legacy_kwargs("matrix_capsnet") == {"variant": "paper", "iterations": 2}
+    assert M.restore_kwargs("matrix_capsnet", {"iterations": 3}) == {
+        "variant": "paper", "iterations": 3,
+    }  # fmt: skip
+    assert M.record_kwargs("matrix_capsnet", {}, model) == {"variant": "official", "iterations": 3}
+    assert M.legacy_kwargs("capsnet") == {}
+    with pytest.raises(ValueError, match="variant must be one of"):
+        M.create("matrix_capsnet", variant="ibm")
 
 
 @pytest.mark.parametrize("name", ["capsnet", "matrix_capsnet", "sabour_cnn", "hinton_cnn"])

@@ -131,9 +131,14 @@ def test_resume_old_run_for_another_epoch(name, data_root, tmp_path, capsys):
     assert [r["epoch"] for r in new_rows if r["kind"] == "epoch"] == [2]
     assert _json(run / "evaluation.json")["num_examples"] == 40
 
-    # The same run, uninterrupted, with the current trainer.
+    # The same run, uninterrupted, with the current trainer (and the values of the
+    # defaults that changed since, as a resume restores them).
+    from capsnet.models import restore_kwargs
+
     config = _json(FIXTURES / name / "config.json")
     config.update(epochs=2, data_root=str(data_root), output_dir=str(tmp_path / "fresh"))
+    config["model_kwargs"] = restore_kwargs(config["model"], config["model_kwargs"])
+    config.setdefault("val_seed", None)
     train(config_from_dict(config))
     capsys.readouterr()
     assert_same_weights(weights(run), weights(tmp_path / "fresh"), atol=TRAIN_ATOL[name])

@@ -137,6 +137,8 @@ def test_routing_trace_matches_functional(which):
             call.arguments["beta_a"],
             1,
             list(lam)[:1],
+            variant=call.arguments["variant"],
+            eps=call.arguments["eps"],
         )
         assert torch.allclose(trace[0]["means"], mu1) and torch.allclose(
             trace[0]["assignments"], r1

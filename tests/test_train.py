@@ -182,6 +182,32 @@ def test_spread_loss_margin_schedule(data_root, tmp_path):
     assert margins == pytest.approx([0.2, 0.3])
 
 
+def test_em_diagnostics_and_recorded_variant(data_root, tmp_path):
+    """Matrix-capsule runs log "em" records (is EM alive?) after the first step and every
+    epoch, and record the resolved EM variant and iterations with their weights."""
+    from capsnet.checkpoint import read_metadata
+    from capsnet.layers import DEFAULT_EM_VARIANT
+
+    cfg = tiny_config(
+        data_root, tmp_path / "run", model="matrix_capsnet", epochs=2, limit_train_batches=2,
+        limit_eval_batches=1, model_kwargs={"A": 8, "B": 2, "C": 2, "D": 2},
+    )  # fmt: skip
+    train(cfg)
+    records = [r for r in _read_metrics(tmp_path / "run") if r["kind"] == "em"]
+    assert [r["step"] for r in records] == [1, 2, 4]
+    for layer in ("conv_caps1", "conv_caps2", "class_caps"):
+        for key in ("activation_std", "saturated", "mass", "grad_activation", "grad_pose"):
+            assert math.isfinite(records[-1][f"{layer}.{key}"]), (layer, key)
+        assert 0.0 <= records[-1][f"{layer}.saturated"] <= 1.0
+        assert records[-1][f"{layer}.mass"] > 0
+    assert records[0]["primary.grad_pose"] > 0
+    kwargs = read_metadata(tmp_path / "run", "last")["model_kwargs"]
+    assert kwargs["variant"] == DEFAULT_EM_VARIANT and kwargs["iterations"] == 3
+    # capsnet models have no EM layers: no em records
+    train(tiny_config(data_root, tmp_path / "caps", epochs=1, limit_train_batches=1))
+    assert not [r for r in _read_metrics(tmp_path / "caps") if r["kind"] == "em"]
+
+
 def test_two_digit_objective_and_accuracy():
     """MultiMNIST ([S17] §6): margin loss with both digits present, each digit reconstructed
     from its own capsule; correct = the two classes are the two top scores."""

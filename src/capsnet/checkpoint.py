@@ -604,6 +604,10 @@ def load(path: str | Path, *, which: str = "best", device: str | torch.device = 
     from capsnet import models
 
     meta = read_metadata(path, which)
-    model = models.create(meta["model"], **meta["model_kwargs"])
+    # A checkpoint from before a default changed rebuilds with the old value (registry
+    # metadata legacy_kwargs, e.g. matrix_capsnet's EM variant "paper").
+    model = models.create(
+        meta["model"], **models.restore_kwargs(meta["model"], meta["model_kwargs"])
+    )
     model.load_state_dict(_load_tensors(Path(meta["path"])))
     return model.to(device).eval()

@@ -9,6 +9,9 @@
   parent's mean ([H18] Fig. 2).
 * :func:`capsule_activations` / :func:`dead_capsule_fraction`: activations of every capsule
   layer (forward hooks) and the fraction of capsules that never switch on.
+* :func:`em_layer_statistics` / :func:`em_gradient_norms`: is EM alive? Per EM layer the
+  spread and saturation of the output activations and the data mass per parent (routing
+  hooks), and the gradient norm of the activation path against the pose path.
 * :func:`fit_linear_map` / :func:`equivariance_residual`: how well one linear map explains
   how features move under a known image transform T (the claim ``f(Tx) = T' f(x)``).
 * :func:`affine_images`: rotate / translate / scale a batch of images (bilinear).
@@ -38,6 +41,9 @@ __all__ = [
     "routing_trace",
     "capsule_activations",
     "dead_capsule_fraction",
+    "em_layer_statistics",
+    "em_routing_layers",
+    "em_gradient_norms",
     "fit_linear_map",
     "equivariance_residual",
     "linear_map_residual",
@@ -137,10 +143,8 @@ def routing_trace(call: RoutingCall, iterations: int | None = None) -> list[dict
             fn = CF.em_routing if call.kind == "em" else CF.conv_em_routing
             kwargs = {k: v for k, v in args.items() if k != "iterations"}
             lambdas = kwargs.get("inverse_temperatures")
-            full = (
-                list(lambdas)
-                if lambdas is not None
-                else CF.default_inverse_temperatures(call.iterations)
+            full = CF.resolve_inverse_temperatures(
+                call.iterations, lambdas, kwargs.get("variant", "paper")
             )
             if t > len(full):
                 raise ValueError(f"the call has {len(full)} inverse temperatures, asked for {t}")
@@ -234,6 +238,104 @@ def dead_capsule_fraction(
     return {
         name: float((a.amax(dim=0) <= threshold).float().mean()) for name, a in activations.items()
     }
+
+
+# --------------------------------------------------------------------------- is EM alive?
+
+
+def em_routing_layers(model: nn.Module) -> list[tuple[str, RoutingLayer]]:
+    """``(name, module)`` of every EM routing layer of ``model``, in module order."""
+    from capsnet import layers
+
+    types = (layers.ConvMatrixCapsules, layers.ClassMatrixCapsules)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+
+
+@torch.no_grad()
+def em_layer_statistics(
+    model: nn.Module, images: Tensor, *, saturation: float = 0.01
+) -> dict[str, dict[str, float]]:
+    """Whether each EM layer of ``model`` is alive on ``images``, from its routing call.
+
+    Per EM routing layer (:class:`~capsnet.layers.ConvMatrixCapsules`,
+    :class:`~capsnet.layers.ClassMatrixCapsules`), recorded through its routing hooks:
+
+    * ``activation_std``: the standard deviation of the output activations ``a_j`` over
+      examples, positions and types (0: every parent says the same);
+    * ``saturated``: the fraction of ``a_j`` below ``saturation`` or above
+      ``1 - saturation`` (1: the logistic is flat everywhere, no gradient passes);
+    * ``mass``: the mean data mass per parent, ``sum_i R_ij a_i`` of the last M-step
+      ([H18] §3; the factor that scales the cost and so the logit).
+
+    The layers compute their votes explicitly while hooked (see
+    :func:`capture_routing`); keep the batch small (e.g. 32 images). Runs in eval mode
+    under ``no_grad``; the model's mode is restored.
+
+    Returns:
+        ``{layer name: {"activation_std", "saturated", "mass"}}`` in forward order.
+
+    Shape:
+        - images: ``(B, C, H, W)``.
+    """
+    found: dict[str, dict[str, float]] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(_layer: nn.Module, call: RoutingCall) -> None:
+            _, act, assign = call.outputs  # (..., O), (..., I, O)
+            mass = (assign * call.arguments["activations"].unsqueeze(-1)).sum(-2)
+            a = act.float()
+            found[name] = {
+                "activation_std": float(a.std()) if a.numel() > 1 else 0.0,
+                "saturated": float(((a < saturation) | (a > 1 - saturation)).float().mean()),
+                "mass": float(mass.float().mean()),
+            }
+
+        return record
+
+    for name, layer in em_routing_layers(model):
+        handles.append(layer.register_routing_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def em_gradient_norms(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Gradient norms of the activation path vs the pose path, per matrix-capsule layer.
+
+    Reads the ``.grad`` of the parameters after a backward pass (missing gradients count
+    as 0). For an EM layer the activation path is ``beta_a`` and the pose path is ``W``
+    and ``beta_u``; for :class:`~capsnet.layers.PrimaryMatrixCapsules` they are the
+    activation and the pose convolutions.
+
+    Returns:
+        ``{layer name: {"grad_activation", "grad_pose"}}``.
+    """
+    from capsnet import layers
+
+    def norm(*params: Tensor) -> float:
+        total = 0.0
+        for p in params:
+            if p.grad is not None:
+                total += float(p.grad.detach().float().pow(2).sum())
+        return math.sqrt(total)
+
+    out: dict[str, dict[str, float]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, layers.PrimaryMatrixCapsules):
+            act, pose = list(m.activation.parameters()), list(m.pose.parameters())
+        elif isinstance(m, (layers.ConvMatrixCapsules, layers.ClassMatrixCapsules)):
+            act, pose = [m.beta_a], [m.weight, m.beta_u]
+        else:
+            continue
+        out[name] = {"grad_activation": norm(*act), "grad_pose": norm(*pose)}
+    return out
 
 
 # --------------------------------------------------------------------------- equivariance

@@ -41,11 +41,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from capsnet import distributed, models
+from capsnet import distributed, models, probes
 from capsnet.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
+    read_metadata,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -292,11 +293,20 @@ class Trainer:
             "input_size": list(train_ds.input_size),
             **cfg.model_arguments(),
         }
+        if resume:  # kwargs whose default changed: as the checkpoint was built
+            saved = models.restore_kwargs(
+                cfg.model, read_metadata(self.run_dir, "last")["model_kwargs"]
+            )
+            for key in models.legacy_kwargs(cfg.model):
+                self.model_kwargs.setdefault(key, saved[key])
         torch.manual_seed(cfg.seed)
         self.model = models.create(cfg.model, **self.model_kwargs).to(self.device)
+        # Record the resolved values of such kwargs, so later default changes keep this run.
+        self.model_kwargs = models.record_kwargs(cfg.model, self.model_kwargs, self.model)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # dropout etc. differ between ranks
         info = models.model_info(cfg.model)
         self.loss_kind = resolve_loss(cfg.loss, cfg.model)
+        self.em_layers = bool(probes.em_routing_layers(self.model))
         self.capsule_scores = info.loss != "cross_entropy"
         if self.two_digits and self.loss_kind != "margin":
             raise ValueError(
@@ -536,6 +546,8 @@ class Trainer:
             step_tic = now
             if threads is not None:
                 self.log.write({**threads.record(), "step": st["step"]})
+            if self.em_layers and (st["step"] == 1 or i + 1 == self.steps_per_epoch):
+                self._log_em(batch[0], round(epoch + (i + 1) / self.steps_per_epoch, 4))
             if st["step"] % cfg.log_every == 0 or i + 1 == self.steps_per_epoch:
                 w_loss, w_acc, w_n, w_final = window.reduced()
                 speed = w_n / (time.perf_counter() - window_tic)
@@ -670,6 +682,24 @@ class Trainer:
         if self.ctx.is_main:
             print(f"capsnet: {text}", file=sys.stderr, flush=True)
         return TrainingInterrupted(signum, self.run_dir, checkpoint, text)
+
+    def _log_em(self, images: Tensor, epoch: float) -> None:
+        """An ``"em"`` record: is EM alive? Per EM layer the spread and saturation of the
+        activations and the data mass per parent on 32 of these training images
+        (:func:`capsnet.probes.em_layer_statistics`), and the gradient norms of the
+        activation and pose paths of the step just taken
+        (:func:`capsnet.probes.em_gradient_norms`)."""
+        if not self.ctx.is_main:
+            return
+        record: dict[str, Any] = {"kind": "em", "step": self.state["step"], "epoch": epoch}
+        for source in (
+            probes.em_layer_statistics(self.model, images[:32]),
+            probes.em_gradient_norms(self.model),
+        ):
+            for layer, values in source.items():
+                for key, value in values.items():
+                    record[f"{layer}.{key}"] = value
+        self.log.write(record)
 
     def _forward_loss(
         self, batch: tuple[Tensor, ...], margin: float

@@ -52,18 +52,43 @@ def ref_dynamic_routing(u_hat, iterations):
     return torch.stack(v), torch.tensor(c, dtype=u_hat.dtype)
 
 
-def ref_m_step(votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost):
+def ref_m_step(
+    votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost, variant="paper", prev=None
+):
+    """The M-step of one variant, as its source writes it (docs/em_variants.md).
+
+    ``prev``: the previous iteration's means (the official code's damped centre).
+    """
     n_in, n_out, dim = votes.shape
     mus, variances, costs = [], [], []
     for j in range(n_out):
         rp = [R[i][j] * float(a[i]) for i in range(n_in)]
         total = sum(rp)
         mu = sum(rp[i] * votes[i, j] for i in range(n_in)) / (total + eps)
+        if variant == "official":
+            # em_layers.update_em_routing: center = .9 * mean + .1 * center (0 at first)
+            mu = 0.9 * mu + 0.1 * (prev[j] if prev is not None else 0.0)
         var = sum(rp[i] * (votes[i, j] - mu) ** 2 for i in range(n_in)) / (total + eps)
         var = var + var_floor
-        cost = sum(
-            (float(beta_u[j]) + math.log(math.sqrt(float(var[h])))) * total for h in range(dim)
-        )
+        if variant == "official":
+            # win = masses * (p_i - sigma_biases * num_out_atoms * (log_2pi + 1.0)),
+            # p_i = -sum_h log variance; logit = beta * (win - activation_biases * 5000).
+            # Departure (docs/em_variants.md): the mass here has no + eps.
+            p_i = -sum(math.log(float(var[h])) for h in range(dim))
+            win = total * (p_i - float(beta_u[j]) * dim * (math.log(2 * math.pi) + 1.0))
+            cost = -win
+        elif variant == "gritzman":
+            # m_step: cost_j_h = (beta_v + 0.5 log var_j) * rr_prime_sum * layer_norm_factor,
+            # layer_norm_factor = 100 / (child_caps / parent_caps)
+            layer_norm_factor = 100.0 / (n_in / n_out)
+            cost = sum(
+                (float(beta_u[j]) + 0.5 * math.log(float(var[h]))) * total * layer_norm_factor
+                for h in range(dim)
+            )
+        else:
+            cost = sum(
+                (float(beta_u[j]) + math.log(math.sqrt(float(var[h])))) * total for h in range(dim)
+            )
         mus.append(mu)
         variances.append(var)
         costs.append(cost)
@@ -71,8 +96,16 @@ def ref_m_step(votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost)
         mean = sum(costs) / n_out
         std = math.sqrt(sum((c - mean) ** 2 for c in costs) / n_out + eps)
         costs = [(c - mean) / std for c in costs]
-    acts = [1.0 / (1.0 + math.exp(-lam * (float(beta_a[j]) - costs[j]))) for j in range(n_out)]
+    scale = -5000.0 if variant == "official" else 1.0
+    logits = [lam * (scale * float(beta_a[j]) - costs[j]) for j in range(n_out)]
+    acts = [1.0 / (1.0 + math.exp(-x)) for x in logits]
     return mus, variances, acts
+
+
+#: var_floor, eps of each variant's source (paper: capsnet's choice).
+FLOORS = {"paper": (1e-6, 1e-8), "official": (5e-4, 1e-7), "gritzman": (1e-9, 1e-9)}
+#: Variants that share another's routing maths (they differ only in their layers).
+FORMS = {"capsnet": "official"}
 
 
 def ref_e_step(votes, mus, variances, acts):
@@ -94,29 +127,36 @@ def ref_e_step(votes, mus, variances, acts):
 
 
 def ref_em_routing(
-    votes, a, beta_u, beta_a, lambdas, normalize_cost=False, var_floor=1e-6, eps=1e-8
-):
+    votes, a, beta_u, beta_a, lambdas, normalize_cost=False, var_floor=None, eps=None,
+    variant="paper",
+):  # fmt: skip
     """[H18] Procedure 1 for one group, loops over i, j, h. votes: (I, O, D), a: (I,)."""
+    variant = FORMS.get(variant, variant)
+    var_floor = FLOORS[variant][0] if var_floor is None else var_floor
+    eps = FLOORS[variant][1] if eps is None else eps
     n_in, n_out, _ = votes.shape
     R = [[1.0 / n_out] * n_out for _ in range(n_in)]
+    mus = None
     for t, lam in enumerate(lambdas):
         mus, variances, acts = ref_m_step(
-            votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost
+            votes, a, R, beta_u, beta_a, lam, var_floor, eps, normalize_cost, variant, mus
         )
         if t < len(lambdas) - 1:
             R = ref_e_step(votes, mus, variances, acts)
     return torch.stack(mus), torch.tensor(acts, dtype=DT), torch.tensor(R, dtype=DT)
 
 
-# --------------------------------------------------------------------------- squash
-
-
-def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas):
+def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas, variant="paper"):
     """Convolutional EM with each child normalised over all parents that contain it.
 
     Written as one big routing problem over explicit (child -> parent) edges, with loops.
-    votes: (P, K*K*B, O, D) for one example; children ordered (kh, kw, b).
+    votes: (P, K*K*B, O, D) for one example; children ordered (kh, kw, b). With
+    ``variant="official"`` (em_layers.update_conv_routing) a child is normalised over the
+    parent positions of each parent type separately and starts from R = 1 / O.
     """
+    variant = FORMS.get(variant, variant)
+    var_floor, eps = FLOORS[variant]
+    per_type = variant == "official"
     h_in, w_in = in_size
     w_out = (w_in - k) // stride + 1
     n_pos, n_slots, n_out, dim = votes.shape
@@ -128,16 +168,27 @@ def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas
         kh, kw = divmod(kk, k)
         return ((ho * stride + kh) * w_in + (wo * stride + kw), b)
 
+    def group(p, s, j):  # the parents a child's assignments are normalised over
+        return (child_of(p, s), j) if per_type else child_of(p, s)
+
     fan = {}
     for p in range(n_pos):
         for s in range(n_slots):
             fan[child_of(p, s)] = fan.get(child_of(p, s), 0) + n_out
-    R = [[[1.0 / fan[child_of(p, s)]] * n_out for s in range(n_slots)] for p in range(n_pos)]
+    if per_type:
+        R = [[[1.0 / n_out] * n_out for s in range(n_slots)] for p in range(n_pos)]
+    else:
+        R = [[[1.0 / fan[child_of(p, s)]] * n_out for s in range(n_slots)] for p in range(n_pos)]
+    prev = [None] * n_pos
     for t, lam in enumerate(lambdas):
         per_pos = [
-            ref_m_step(votes[p], acts[p], R[p], beta_u, beta_a, lam, 1e-6, 1e-8, False)
+            ref_m_step(
+                votes[p], acts[p], R[p], beta_u, beta_a, lam, var_floor, eps, False, variant,
+                prev[p],
+            )
             for p in range(n_pos)
-        ]
+        ]  # fmt: skip
+        prev = [pp[0] for pp in per_pos]
         if t == len(lambdas) - 1:
             break
         logits = {}
@@ -152,14 +203,14 @@ def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas
                         logp += -diff * diff / (2 * var) - 0.5 * math.log(2 * math.pi * var)
                     logits[(p, s, j)] = logp
         totals = {}
-        for (p, s, _j), value in logits.items():
-            totals.setdefault(child_of(p, s), []).append(value)
+        for (p, s, j), value in logits.items():
+            totals.setdefault(group(p, s, j), []).append(value)
         norm = {
             c: max(v) + math.log(sum(math.exp(x - max(v)) for x in v)) for c, v in totals.items()
         }
         R = [
             [
-                [math.exp(logits[(p, s, j)] - norm[child_of(p, s)]) for j in range(n_out)]
+                [math.exp(logits[(p, s, j)] - norm[group(p, s, j)]) for j in range(n_out)]
                 for s in range(n_slots)
             ]
             for p in range(n_pos)
@@ -167,6 +218,9 @@ def ref_conv_em_routing(votes, acts, beta_u, beta_a, in_size, k, stride, lambdas
     mus = torch.stack([torch.stack(pp[0]) for pp in per_pos])
     acts_out = torch.tensor([pp[2] for pp in per_pos], dtype=DT)
     return mus, acts_out, torch.tensor(R, dtype=DT)
+
+
+# --------------------------------------------------------------------------- squash
 
 
 def gather_children(grid, k, stride):

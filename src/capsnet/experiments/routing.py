@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capsnet import functional as CF
 from capsnet import plots, probes
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
@@ -79,6 +80,31 @@ def _routing_example_figures(
             title=f"Vote distance to each class capsule's mean, weighted by assignment: {what}",
         ),
     ]
+
+
+def _em_alive(
+    model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 32
+) -> dict[str, dict[str, float]]:
+    """Per matrix-capsule layer: :func:`capsnet.probes.em_layer_statistics` and
+    :func:`capsnet.probes.em_gradient_norms` (spread loss, margin 0.9) on one batch;
+    ``{}`` for a model without EM layers."""
+    if not probes.em_routing_layers(model):
+        return {}
+    images, labels = next(iter(eval_batches(dataset, batch_size=batch_size, device=device)))
+    x = model_input(dataset, images)
+    stats = probes.em_layer_statistics(model, x)
+    saved = [p.grad for p in model.parameters()]
+    with torch.enable_grad():
+        for p in model.parameters():
+            p.grad = None
+        CF.spread_loss(model(x).scores, labels, margin=0.9).backward()
+        grads = probes.em_gradient_norms(model)
+    for p, g in zip(model.parameters(), saved, strict=True):
+        p.grad = g
+    out: dict[str, dict[str, float]] = {}
+    for name in [*grads, *stats]:
+        out.setdefault(name, {}).update({**grads.get(name, {}), **stats.get(name, {})})
+    return out
 
 
 @torch.no_grad()
@@ -160,6 +186,7 @@ def routing_experiment(
                     }
                 )
     per_iter = [{k: float(v) / total for k, v in s.items()} for s in sums]
+    em_layers = _em_alive(model, dataset, device, batch_size=32)
     dead = probes.dead_capsule_fraction(
         {k: torch.cat(v) for k, v in layer_acts.items()}, threshold=dead_threshold
     )
@@ -194,6 +221,7 @@ def routing_experiment(
         {"layer": k, "dead fraction": v, "capsules": int(layer_acts[k][0].shape[1])}
         for k, v in dead.items()
     ]
+    summary += [{"layer": k, **v} for k, v in em_layers.items()]
     record = make_record(
         "routing",
         "Routing diagnostics",
@@ -206,7 +234,12 @@ def routing_experiment(
             "dead_threshold": dead_threshold,
         },
         models=describe_models({label: model}, None),
-        results={"per_iteration": per_iter, "dead_fraction": dead, "examples": shown},
+        results={
+            "per_iteration": per_iter,
+            "dead_fraction": dead,
+            "em_layers": em_layers,
+            "examples": shown,
+        },
         figures=figures,
         summary=summary,
         notes=[
@@ -216,6 +249,11 @@ def routing_experiment(
             "in absolute distance).",
             "Distance: |vote_ij - mean_j|; weight: c_ij (dynamic routing, mean = "
             "sum_i c_ij u_hat_j|i / sum_i c_ij) or R_ij a_i (EM, mean = mu_j).",
+            "EM layers (is EM alive?): std and saturated fraction (< 0.01 or > 0.99) of the "
+            "output activations, mean data mass per parent sum_i R_ij a_i, and gradient "
+            "norms of the activation path (beta_a; primary: activation conv) vs the pose "
+            "path (W, beta_u; primary: pose conv) of the spread loss at margin 0.9, on the "
+            "first 32 test inputs.",
         ],
     )
     return finish_record(out_dir, record)

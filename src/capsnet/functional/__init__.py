@@ -10,6 +10,8 @@ Where things are (one idea per file):
 * :mod:`~capsnet.functional.routing`: the public routing functions
   (:func:`dynamic_routing`, :func:`em_routing`, :func:`conv_em_routing`), their checks and
   the one inverse-temperature schedule resolver.
+* :mod:`~capsnet.functional.em_variants`: the named readings of EM routing (``"paper"``,
+  ``"official"``, ``"gritzman"``) that the ``variant`` argument of the EM functions selects.
 * :mod:`~capsnet.functional.reference`: the same equations written plainly with autograd,
   the file to read beside the papers; tests and benchmarks compare the kernels with it.
 * :mod:`capsnet.functional._kernels`: the fast kernels that run. The EM M-step and E-step
@@ -48,6 +50,7 @@ from capsnet.functional.algorithms import (
 )
 from capsnet.functional.conv import ROUTING_MODES, conv_capsule_votes, conv_matrix_capsules
 from capsnet.functional.coordinates import coordinate_addition
+from capsnet.functional.em_variants import EM_VARIANTS, EMVariant, resolve_em_variant
 from capsnet.functional.geometry import conv_children_index
 from capsnet.functional.losses import margin_loss, reconstruction_loss, spread_loss, spread_margin
 from capsnet.functional.routing import (
@@ -75,6 +78,9 @@ __all__ = [
     "reconstruction_loss",
     "coordinate_addition",
     "ROUTING_MODES",
+    "EM_VARIANTS",
+    "EMVariant",
+    "resolve_em_variant",
     "reference",
     "RoutingResult",
     "register_routing",

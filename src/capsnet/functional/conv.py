@@ -15,7 +15,8 @@ from torch import Tensor
 from capsnet.functional._common import check_float, compute_dtype
 from capsnet.functional._kernels.common import needs_grad
 from capsnet.functional._kernels.conv import ConvCapsulesEM, conv_capsules_forward
-from capsnet.functional._kernels.em import EMConfig
+from capsnet.functional._kernels.em import make_em_config
+from capsnet.functional.em_variants import EMVariant, resolve_em_variant
 from capsnet.functional.geometry import ConvGeometry, conv_children_index, gather_children
 from capsnet.functional.routing import resolve_inverse_temperatures
 
@@ -100,9 +101,10 @@ def conv_matrix_capsules(
     iterations: int = 3,
     inverse_temperatures: Sequence[float] | None = None,
     routing: str = "faithful",
+    variant: str | EMVariant = "paper",
     normalize_cost: bool = False,
-    var_floor: float = 1e-6,
-    eps: float = 1e-8,
+    var_floor: float | None = None,
+    eps: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A convolutional matrix-capsule layer, [H18] §3-4: votes and EM routing in one pass.
 
@@ -121,8 +123,10 @@ def conv_matrix_capsules(
         weight: one 4x4 transformation matrix per (kernel offset, input type, output type).
         beta_u, beta_a: broadcastable to ``(O,)``.
         kernel_size, stride: of the valid, unpadded capsule convolution.
-        iterations, inverse_temperatures, normalize_cost, var_floor, eps: as in
-            :func:`em_routing`.
+        iterations, inverse_temperatures, variant, normalize_cost, var_floor, eps: as in
+            :func:`em_routing` (``variant`` also decides how ``"faithful"`` routing
+            normalises a child over parents at several positions, see
+            :func:`conv_em_routing`).
         routing: ``"faithful"`` or ``"per_position"`` (see above).
 
     Returns:
@@ -137,7 +141,8 @@ def conv_matrix_capsules(
     _check_conv_capsule_inputs(poses, activations, weight, kernel_size, stride)
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
-    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures)
+    em_variant = resolve_em_variant(variant)
+    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures, em_variant)
     n, h, w, b, _ = poses.shape
     index = conv_children_index((h, w), kernel_size, stride, device=poses.device)  # (P, KK)
     positions, kk = index.shape
@@ -156,8 +161,14 @@ def conv_matrix_capsules(
                 f"got shape {tuple(beta.shape)}"
             ) from None
         betas.append(beta.expand(n * positions, out_types))
-    geometry = ConvGeometry.create(index, b, (h, w), n) if routing == "faithful" else None
-    config = EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), geometry)
+    geometry = None
+    if routing == "faithful":
+        per_type = em_variant.conv_normalization == "per_type"
+        geometry = ConvGeometry.create(index, b, (h, w), n, out_types if per_type else None)
+    config = make_em_config(
+        em_variant, lambdas, normalize_cost, var_floor, eps, geometry,
+        in_caps=i, out_caps=out_types,
+    )  # fmt: skip
     # Gather the receptive fields (small: 1/O of the votes) and lay them out for the
     # vote products: children (N*P, K*K*T, 4, 4), W as (K*K*T, 4, O*4).
     children, child_act = gather_children(poses.to(compute), activations.to(compute), index)

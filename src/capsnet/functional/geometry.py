@@ -54,12 +54,29 @@ class ConvGeometry(NamedTuple):
     slots: int
 
     @staticmethod
-    def create(index: Tensor, in_types: int, in_size: tuple[int, int], batch: int) -> ConvGeometry:
+    def create(
+        index: Tensor,
+        in_types: int,
+        in_size: tuple[int, int],
+        batch: int,
+        out_types: int | None = None,
+    ) -> ConvGeometry:
+        """The geometry of ``index (P, K*K)`` (:func:`conv_children_index`).
+
+        With ``out_types`` each (child, parent type) pair counts as a separate "child" and
+        the slots are ``(o, s)`` pairs, ``o`` major: sums then run over the positions of
+        one parent type (the official code's normalisation, em_variants ``"per_type"``).
+        """
         positions, kk = index.shape
         child_id = index[:, :, None] * in_types + torch.arange(in_types, device=index.device)
-        child_id = child_id.reshape(1, positions * kk * in_types).expand(batch, -1)
         num_children = in_size[0] * in_size[1] * in_types
-        return ConvGeometry(child_id, num_children, batch, positions, kk * in_types)
+        slots = kk * in_types
+        if out_types is not None:  # (P, O, S): id = child * O + o
+            child_id = child_id.reshape(positions, 1, slots) * out_types
+            child_id = child_id + torch.arange(out_types, device=index.device).view(1, -1, 1)
+            num_children, slots = num_children * out_types, slots * out_types
+        child_id = child_id.reshape(1, positions * slots).expand(batch, -1)
+        return ConvGeometry(child_id, num_children, batch, positions, slots)
 
     def child_sum(self, x: Tensor) -> Tensor:
         """Sum over all slots of the same child, broadcast back to the slots: (N, P, S)."""

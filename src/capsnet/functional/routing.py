@@ -29,7 +29,8 @@ from torch import Tensor
 
 from capsnet.functional._common import check_float, check_iterations, check_ndim
 from capsnet.functional._kernels.dynamic import dynamic_routing_kernel
-from capsnet.functional._kernels.em import EMConfig, em_routing_kernel
+from capsnet.functional._kernels.em import em_routing_kernel, make_em_config
+from capsnet.functional.em_variants import EMVariant, resolve_em_variant
 from capsnet.functional.geometry import ConvGeometry, conv_children_index
 
 __all__ = [
@@ -89,14 +90,21 @@ def default_inverse_temperatures(iterations: int) -> list[float]:
 
 
 def resolve_inverse_temperatures(
-    iterations: int, inverse_temperatures: Sequence[float] | None
+    iterations: int,
+    inverse_temperatures: Sequence[float] | None,
+    variant: str | EMVariant = "paper",
 ) -> list[float]:
     """lambda_1..lambda_r for ``iterations`` routing iterations: the given list, checked,
-    or :func:`default_inverse_temperatures`. Every EM function resolves its schedule here.
+    or the schedule of ``variant``: :func:`default_inverse_temperatures` for ``"paper"``,
+    ``final_lambda * (1 - 0.95 ** t)`` for a variant with a ``final_lambda``
+    (:mod:`capsnet.functional.em_variants`). Every EM function resolves its schedule here.
     """
     check_iterations(iterations)
     if inverse_temperatures is None:
-        return default_inverse_temperatures(iterations)
+        final = resolve_em_variant(variant).final_lambda
+        if final is None:
+            return default_inverse_temperatures(iterations)
+        return [final * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
     lambdas = [float(x) for x in inverse_temperatures]
     if len(lambdas) != iterations:
         raise ValueError(
@@ -150,9 +158,10 @@ def em_routing(
     iterations: int = 3,
     inverse_temperatures: Sequence[float] | None = None,
     *,
+    variant: str | EMVariant = "paper",
     normalize_cost: bool = False,
-    var_floor: float = 1e-6,
-    eps: float = 1e-8,
+    var_floor: float | None = None,
+    eps: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """EM routing between one group of children and their parents, [H18] Procedure 1.
 
@@ -166,7 +175,11 @@ def em_routing(
         E-step:  R_ij = a_j p_ij / sum_k a_k p_ik,  p_ij = prod_h N(V_ij^h; mu_j^h, sigma_j^h)
 
     starting from ``R_ij = 1 / O``. The E-step runs in log space (a softmax over the
-    parents of ``log a_j + log p_ij``) and is skipped after the last M-step.
+    parents of ``log a_j + log p_ij``) and is skipped after the last M-step. That is the
+    ``"paper"`` variant; ``variant`` selects another reading of the same procedure, with
+    the official code's or [G19]'s choices of scales, mean damping, variance floor, data
+    mass normalisation and schedule (:mod:`capsnet.functional.em_variants`,
+    docs/em_variants.md).
 
     Args:
         votes: ``V_ij``, one vote per (child, parent), e.g. flattened 4x4 matrices.
@@ -174,13 +187,18 @@ def em_routing(
         beta_u: per-parent cost offset beta_u (learned, one per parent capsule type).
         beta_a: per-parent activation offset beta_a.
         iterations: routing iterations r >= 1.
-        inverse_temperatures: one lambda per iteration; default
-            :func:`default_inverse_temperatures`.
+        inverse_temperatures: one lambda per iteration; default: the variant's schedule
+            (:func:`resolve_inverse_temperatures`; :func:`default_inverse_temperatures`
+            for ``"paper"``).
+        variant: a name of :data:`capsnet.functional.em_variants.EM_VARIANTS`
+            (``"paper"``, ``"official"``, ``"gritzman"``) or an
+            :class:`~capsnet.functional.em_variants.EMVariant`.
         normalize_cost: standardise the summed cost over the parents before the
             logistic (a stabilisation of popular implementations, not in the paper).
         var_floor: added to every variance; keeps ``log sigma`` finite for identical
-            votes or a single child.
+            votes or a single child. None: the variant's (1e-6 for ``"paper"``).
         eps: added to ``sum_i R'_ij`` in divisions; keeps all-zero activations finite.
+            None: the variant's (1e-8 for ``"paper"``).
 
     Returns:
         ``(poses, out_activations, assignments)``: the parents' means ``mu_j``, their
@@ -194,8 +212,13 @@ def em_routing(
           assignments: ``(..., I, O)``, each child's row sums to 1.
     """
     beta_u, beta_a = _check_em_inputs(votes, activations, beta_u, beta_a, "..., ")
-    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures)
-    config = EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), None)
+    em_variant = resolve_em_variant(variant)
+    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures, em_variant)
+    in_caps, out_caps = votes.shape[-3], votes.shape[-2]
+    config = make_em_config(
+        em_variant, lambdas, normalize_cost, var_floor, eps, None,
+        in_caps=in_caps, out_caps=out_caps,
+    )  # fmt: skip
     return em_routing_kernel(votes, activations, beta_u, beta_a, config)
 
 
@@ -210,19 +233,25 @@ def conv_em_routing(
     stride: int,
     iterations: int = 3,
     inverse_temperatures: Sequence[float] | None = None,
+    variant: str | EMVariant = "paper",
     normalize_cost: bool = False,
-    var_floor: float = 1e-6,
-    eps: float = 1e-8,
+    var_floor: float | None = None,
+    eps: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """EM routing of a convolutional capsule layer, children normalised over *all* parents.
 
     In a convolutional capsule layer a child at one input position falls in the receptive
-    field of parents at several output positions. Here (the form of the official code and of
-    [G19], pitfall 1) the E-step normalises each child's assignments over every parent
-    capsule, at every output position and of every type, that it feeds; the M-step of each
-    parent uses its K*K*T children exactly as in :func:`em_routing`. Each child starts with
-    ``R = 1 / (number of parents it feeds)``. For the per-position simplification (each
-    receptive field routed on its own) call :func:`em_routing` on the same tensors.
+    field of parents at several output positions. Here (the form of [G19], pitfall 1, and
+    of IBM's code: ``em_routing.py`` ``e_step``, ``utils.softmax_across_parents``) the
+    E-step normalises each child's assignments over every parent capsule, at every output
+    position and of every type, that it feeds; the M-step of each parent uses its K*K*T
+    children exactly as in :func:`em_routing`. Each child starts with
+    ``R = 1 / (number of parents it feeds)`` (IBM's ``utils.init_rr``). The
+    ``"official"`` variant instead normalises over the positions of each parent type
+    separately and starts from ``R = 1 / O``, as the official code's
+    ``update_conv_routing`` does (docs/em_variants.md). For the per-position
+    simplification (each receptive field routed on its own) call :func:`em_routing` on
+    the same tensors.
 
     Args:
         votes: votes of each parent position's K*K*T children, children ordered
@@ -231,7 +260,7 @@ def conv_em_routing(
         beta_u, beta_a: broadcastable to ``(O,)``, O the parent capsule types.
         in_size: ``(H_in, W_in)`` of the child capsule grid.
         kernel_size, stride: of the (valid, unpadded) capsule convolution.
-        iterations, inverse_temperatures, normalize_cost, var_floor, eps: as in
+        iterations, inverse_temperatures, variant, normalize_cost, var_floor, eps: as in
             :func:`em_routing`.
 
     Returns:
@@ -243,12 +272,13 @@ def conv_em_routing(
         - activations: ``(N, P, K*K*T)``.
         - poses: ``(N, P, O, D)``; out_activations: ``(N, P, O)``;
           assignments: ``(N, P, K*K*T, O)`` (each child's entries over all the parents it
-          feeds sum to 1).
+          feeds sum to 1; ``"per_type"`` variants: over the positions of each type).
     """
     beta_u, beta_a = _check_em_inputs(votes, activations, beta_u, beta_a, "N, P, ")
     if votes.ndim != 5:
         raise ValueError(f"votes must have shape (N, P, K*K*T, O, D), got {tuple(votes.shape)}")
-    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures)
+    em_variant = resolve_em_variant(variant)
+    lambdas = resolve_inverse_temperatures(iterations, inverse_temperatures, em_variant)
     n, positions, children, out_caps, _ = votes.shape
     kk = kernel_size * kernel_size
     if children % kk:
@@ -262,6 +292,10 @@ def conv_em_routing(
             f"in_size={tuple(in_size)}, kernel_size={kernel_size}, stride={stride} give "
             f"{index.shape[0]} parent positions, but votes.shape[1] = {positions}"
         )
-    geometry = ConvGeometry.create(index, in_types, in_size, n)
-    config = EMConfig(tuple(lambdas), bool(normalize_cost), float(var_floor), float(eps), geometry)
+    per_type = em_variant.conv_normalization == "per_type"
+    geometry = ConvGeometry.create(index, in_types, in_size, n, out_caps if per_type else None)
+    config = make_em_config(
+        em_variant, lambdas, normalize_cost, var_floor, eps, geometry,
+        in_caps=children, out_caps=out_caps,
+    )  # fmt: skip
     return em_routing_kernel(votes, activations, beta_u, beta_a, config)

@@ -32,9 +32,12 @@ from capsnet.layers.layouts import (
     unfold_capsules,
 )
 from capsnet.layers.matrix import (
+    DEFAULT_EM_VARIANT,
+    EM_LAYER_VARIANTS,
     ROUTING_MODES,
     ClassMatrixCapsules,
     ConvMatrixCapsules,
+    EMLayerVariant,
     PrimaryMatrixCapsules,
     authors_inverse_temperatures,
 )
@@ -47,6 +50,9 @@ __all__ = [
     "conv_output_size",
     "capsule_lengths",
     "authors_inverse_temperatures",
+    "DEFAULT_EM_VARIANT",
+    "EM_LAYER_VARIANTS",
+    "EMLayerVariant",
     "PrimaryCapsules",
     "DenseCapsules",
     "CapsuleDecoder",

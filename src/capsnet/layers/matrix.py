@@ -10,8 +10,9 @@ C and D (the two convolutional capsule layers' types), E (classes).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,9 @@ from capsnet.layers.layouts import (
 
 __all__ = [
     "ROUTING_MODES",
+    "DEFAULT_EM_VARIANT",
+    "EM_LAYER_VARIANTS",
+    "EMLayerVariant",
     "authors_inverse_temperatures",
     "PrimaryMatrixCapsules",
     "ConvMatrixCapsules",
@@ -57,8 +61,9 @@ def _check_grid(
 def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
     """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default.
 
-    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code:
-    ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code
+    (``em_layers.update_em_routing``: ``final_beta * (1 - tf.pow(0.95, i + 1))``, with
+    ``final_beta / 4`` in the class layer): ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
 
     Note:
         Not :func:`capsnet.functional.default_inverse_temperatures` (lambda 1 -> 3): with
@@ -72,21 +77,135 @@ def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) ->
     return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
 
 
+#: An initialisation: ("zeros",), ("constant", value), ("identity_normal", std) (the 4x4
+#: identity plus N(0, std^2) noise), ("trunc_normal", mean, std) (N(mean, std^2) cut at
+#: 2 std, as TensorFlow's truncated_normal_initializer) or ("xavier_uniform",)
+#: (TensorFlow's Xavier for a bias shaped (..., O, 1): U(+-sqrt(6 / (O + 1)))).
+InitSpec = tuple
+
+
+class EMLayerVariant(NamedTuple):
+    """The layer-level choices of an EM variant (the routing maths is in
+    :data:`capsnet.functional.em_variants.EM_VARIANTS` under the same name).
+
+    Attributes:
+        final_lambda: the convolutional capsule layers' schedule
+            ``final_lambda * (1 - 0.95 ** t)`` (:func:`authors_inverse_temperatures`).
+        class_lambda_factor: the class capsule layer uses ``final_lambda * factor``.
+        conv_weight, class_weight: initialisation of ``W`` (the std is replaced by a
+            layer's ``init_std`` when one is given).
+        conv_beta_u, conv_beta_a, class_beta_u, class_beta_a: initialisation of the betas.
+        class_eps: ``eps`` of the class layer's routing (None: the variant's).
+        primary: None (PyTorch's default initialisation) or ``(conv1 std, conv1 bias, pose
+            std, activation std, activation bias)`` for ReLU Conv1 and PrimaryCaps.
+        source: where the choices come from (docs/em_variants.md).
+    """
+
+    final_lambda: float = 0.01
+    class_lambda_factor: float = 1.0
+    conv_weight: InitSpec = ("identity_normal", 0.5)
+    class_weight: InitSpec = ("identity_normal", 0.5)
+    conv_beta_u: InitSpec = ("zeros",)
+    conv_beta_a: InitSpec = ("zeros",)
+    class_beta_u: InitSpec = ("zeros",)
+    class_beta_a: InitSpec = ("zeros",)
+    class_eps: float | None = None
+    primary: tuple[float, float, float, float, float] | None = None
+    source: str = ""
+
+
+EM_LAYER_VARIANTS: dict[str, EMLayerVariant] = {
+    # capsnet's choices before the variants existed: lambda 0.01 (1 - 0.95^t) in every
+    # layer, W = identity + N(0, 0.5^2), betas 0 (the paper gives none of these).
+    "paper": EMLayerVariant(source="capsnet's earlier defaults; [H18] gives no numbers"),
+    # google-research capsule_em: experiment.py flag final_beta = 0.01; em_layers.py
+    # connector_capsule_mat routes with final_beta / 4, W stddev 0.01, activation_biases
+    # 1.0, sigma_biases 2.0, masses + 0.00001; conv_capsule_mat: kernel stddev 0.3,
+    # activation_biases 0.5, sigma_biases 0.5; primary_caps: pose kernel stddev 0.5,
+    # activation kernel stddev 3.0, sigmoid(logit - 1.0); simple_model.add_convs: conv1
+    # stddev 5e-2, bias 0.1; utils.weight_variable: truncated normal.
+    "official": EMLayerVariant(
+        final_lambda=0.01,
+        class_lambda_factor=0.25,
+        conv_weight=("trunc_normal", 0.0, 0.3),
+        class_weight=("trunc_normal", 0.0, 0.01),
+        conv_beta_u=("constant", 0.5),
+        conv_beta_a=("constant", 0.5),
+        class_beta_u=("constant", 2.0),
+        class_beta_a=("constant", 1.0),
+        class_eps=1e-5,
+        primary=(0.05, 0.1, 0.5, 3.0, -1.0),
+        source="google-research capsule_em em_layers.py, simple_model.py, experiment.py",
+    ),
+    # The official code's schedule (class layer final_beta / 4, class eps 1e-5) with
+    # capsnet's initialisation ("paper": W = identity + N(0, 0.5^2), betas 0, PyTorch's
+    # default for Conv1 and PrimaryCaps) instead of the official W stds 0.3 / 0.01 and
+    # biases 0.5-2.0, which leave the class votes ~1e-5 and the pose path without gradient
+    # in capsnet's model (docs/em_variants.md).
+    "capsnet": EMLayerVariant(
+        final_lambda=0.01,
+        class_lambda_factor=0.25,
+        class_eps=1e-5,
+        source="google-research capsule_em schedules; capsnet's initialisation",
+    ),
+    # IBM matrix-capsules-with-em-routing: config.py final_lambda = 0.01 in every layer;
+    # em_routing.py em_routing: beta_a ~ truncated N(-1000, 500^2), beta_v Xavier;
+    # utils.compute_votes: w ~ truncated N(0, 1).
+    "gritzman": EMLayerVariant(
+        final_lambda=0.01,
+        conv_weight=("trunc_normal", 0.0, 1.0),
+        class_weight=("trunc_normal", 0.0, 1.0),
+        conv_beta_u=("xavier_uniform",),
+        conv_beta_a=("trunc_normal", -1000.0, 500.0),
+        class_beta_u=("xavier_uniform",),
+        class_beta_a=("trunc_normal", -1000.0, 500.0),
+        source="IBM matrix-capsules-with-em-routing em_routing.py, utils.py, config.py",
+    ),
+}
+
+#: The EM variant of the layers and of ``matrix_capsnet`` when none is given: chosen by
+#: the learning curves of docs/results.md ("EM routing variants"). Checkpoints saved
+#: without a ``variant`` were built with ``"paper"`` and load as such.
+DEFAULT_EM_VARIANT = "capsnet"
+
+
+def _layer_variant(variant: str) -> EMLayerVariant:
+    CF.resolve_em_variant(variant)  # a clear error for unknown names
+    if variant not in EM_LAYER_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(EM_LAYER_VARIANTS)}, got {variant!r}")
+    return EM_LAYER_VARIANTS[variant]
+
+
 def _check_routing_options(
-    iterations: int, inverse_temperatures: Sequence[float] | None
+    iterations: int, inverse_temperatures: Sequence[float] | None, final_lambda: float = 0.01
 ) -> tuple[float, ...]:
     """The layers' schedule: the given one, else :func:`authors_inverse_temperatures`."""
     positive_int("iterations", iterations)
     if inverse_temperatures is None:
-        inverse_temperatures = authors_inverse_temperatures(iterations)
+        inverse_temperatures = authors_inverse_temperatures(iterations, final_lambda)
     return tuple(CF.resolve_inverse_temperatures(iterations, inverse_temperatures))
 
 
-def _init_transform(weight: Tensor, init_std: float) -> None:
-    """Transformation matrices: identity plus N(0, init_std^2) noise (see MatrixCapsNet)."""
+def init_parameter(param: Tensor, spec: InitSpec, std: float | None = None) -> None:
+    """Initialise ``param`` in place by ``spec`` (see :data:`InitSpec`); ``std`` replaces
+    the spec's standard deviation when given."""
+    kind = spec[0]
     with torch.no_grad():
-        weight.normal_(0.0, init_std)
-        weight.add_(torch.eye(4, device=weight.device, dtype=weight.dtype))
+        if kind == "zeros":
+            param.zero_()
+        elif kind == "constant":
+            param.fill_(spec[1])
+        elif kind == "identity_normal":
+            param.normal_(0.0, spec[1] if std is None else std)
+            param.add_(torch.eye(4, device=param.device, dtype=param.dtype))
+        elif kind == "trunc_normal":
+            mean, sd = spec[1], spec[2] if std is None else std
+            nn.init.trunc_normal_(param, mean, sd, mean - 2 * sd, mean + 2 * sd)
+        elif kind == "xavier_uniform":
+            bound = math.sqrt(6.0 / (param.shape[-1] + 1))
+            param.uniform_(-bound, bound)
+        else:
+            raise ValueError(f"unknown initialisation {spec!r}")
 
 
 class PrimaryMatrixCapsules(nn.Module):
@@ -100,6 +219,9 @@ class PrimaryMatrixCapsules(nn.Module):
         in_channels: A, channels of the input feature map.
         out_types: T (the paper's B), capsule types per position.
         kernel_size: of both convolutions (1 in the paper).
+        variant: an EM variant name; ``"official"`` initialises the convolutions as the
+            official code does (:data:`EM_LAYER_VARIANTS`), the others keep PyTorch's
+            default initialisation.
 
     Shape:
         - input: ``(B, C, H, W)``.
@@ -113,6 +235,7 @@ class PrimaryMatrixCapsules(nn.Module):
         *,
         out_types: int,
         kernel_size: int = 1,
+        variant: str = DEFAULT_EM_VARIANT,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -120,9 +243,29 @@ class PrimaryMatrixCapsules(nn.Module):
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_types = positive_int("out_types", out_types)
         self.kernel_size = positive_int("kernel_size", kernel_size)
+        self.variant = variant
+        self._layer_variant = _layer_variant(variant)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.pose = nn.Conv2d(in_channels, out_types * 16, kernel_size, **kw)
         self.activation = nn.Conv2d(in_channels, out_types, kernel_size, **kw)
+        self._init_variant()  # the convolutions' own init has run; no second default draw
+
+    def reset_parameters(self) -> None:
+        self.pose.reset_parameters()
+        self.activation.reset_parameters()
+        self._init_variant()
+
+    def _init_variant(self) -> None:
+        """The variant's initialisation of the two convolutions, if it has one."""
+        if self._layer_variant.primary is not None:
+            # Note: the official primary_caps has no biases and computes
+            # sigmoid(logit - 1.0); a bias starting at -1 is the same function at init.
+            _, _, pose_std, act_std, act_bias = self._layer_variant.primary
+            init_parameter(self.pose.weight, ("trunc_normal", 0.0, pose_std))
+            assert self.pose.bias is not None and self.activation.bias is not None
+            init_parameter(self.pose.bias, ("zeros",))
+            init_parameter(self.activation.weight, ("trunc_normal", 0.0, act_std))
+            init_parameter(self.activation.bias, ("constant", act_bias))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_tensor("x", x, 4, f"(B, {self.in_channels}, H, W)")
@@ -144,15 +287,17 @@ class ConvMatrixCapsules(RoutingLayer):
     Every parent position routes the ``K*K*in_types`` children of its receptive field (a valid,
     unpadded convolution with ``stride``). Votes ``V = M W`` use one 4x4 ``W`` per (kernel
     offset, input type, output type), shared across positions; ``beta_u`` and ``beta_a``
-    are learned per output type (zeros at init).
+    are learned per output type (initialised as the variant says).
 
     ``routing`` selects how a child's assignments are normalised:
 
-    * ``"faithful"`` (default): over every parent, at every output position and of every
-      type, whose receptive field contains the child
-      (:func:`capsnet.functional.conv_em_routing`). This is what a child feeding several
-      overlapping parents means in [H18]; the official code and the best reproduction
-      ([G19], pitfall 1) do it, so it is the default.
+    * ``"faithful"`` (default): over the parents at several output positions whose
+      receptive field contains the child (:func:`capsnet.functional.conv_em_routing`):
+      over all of them, of every type, for ``"paper"`` and ``"gritzman"`` ([G19], pitfall
+      1, and IBM's ``softmax_across_parents``), or over the positions of each parent type
+      for ``"official"`` and ``"capsnet"`` (the official ``update_conv_routing``). This is
+      what a child feeding several overlapping parents means in [H18], so it is the
+      default.
     * ``"per_position"``: each receptive field routed on its own, over the ``C`` parents of
       that position (:func:`capsnet.functional.em_routing` on the same tensors): the common
       simplification of public implementations, a little cheaper.
@@ -162,14 +307,18 @@ class ConvMatrixCapsules(RoutingLayer):
         out_types: output capsule types per position (the paper's C for ConvCaps1).
         kernel_size: K (3 in the paper).
         stride: 2 for ConvCaps1, 1 for ConvCaps2 in the paper.
-        iterations: EM iterations (default 2, see :class:`capsnet.models.MatrixCapsNet`;
-            the paper used 3).
-        inverse_temperatures: lambda per iteration (None: :func:`authors_inverse_temperatures`,
+        iterations: EM iterations (default 3, as in the paper).
+        inverse_temperatures: lambda per iteration (None: the variant's,
+            :func:`authors_inverse_temperatures` with its ``final_lambda``, 0.01:
             ``0.01 * (1 - 0.95 ** t)``).
         routing: ``"faithful"`` or ``"per_position"``.
+        variant: the EM variant (:mod:`capsnet.functional.em_variants` for the routing
+            maths, :data:`EM_LAYER_VARIANTS` for the layer's schedule and
+            initialisation; docs/em_variants.md). Default :data:`DEFAULT_EM_VARIANT`.
         normalize_cost: standardise the EM cost over parents before the logistic (opt-in,
             not in the paper; see :func:`capsnet.functional.em_routing`).
-        init_std: ``W`` starts as the identity plus N(0, init_std^2) noise.
+        init_std: the std of ``W``'s initialisation (None: the variant's; ``"paper"``:
+            the identity plus N(0, 0.5^2) noise).
         checkpoint: keep only the layer's input for the backward pass and rerun its
             forward there. The votes are never stored anyway
             (:func:`capsnet.functional.conv_matrix_capsules`); this also drops the
@@ -192,11 +341,12 @@ class ConvMatrixCapsules(RoutingLayer):
         out_types: int,
         kernel_size: int = 3,
         stride: int = 1,
-        iterations: int = 2,
+        iterations: int = 3,
         inverse_temperatures: Sequence[float] | None = None,
         routing: str = "faithful",
+        variant: str = DEFAULT_EM_VARIANT,
         normalize_cost: bool = False,
-        init_std: float = 0.5,
+        init_std: float | None = None,
         checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -208,12 +358,16 @@ class ConvMatrixCapsules(RoutingLayer):
         self.kernel_size = positive_int("kernel_size", kernel_size)
         self.stride = positive_int("stride", stride)
         self.iterations = iterations
-        self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
+        self.variant = variant
+        self._layer_variant = _layer_variant(variant)
+        self.inverse_temperatures = _check_routing_options(
+            iterations, inverse_temperatures, self._layer_variant.final_lambda
+        )
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
         self.routing = routing
         self.normalize_cost = bool(normalize_cost)
-        self.init_std = float(init_std)
+        self.init_std = None if init_std is None else float(init_std)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         kk = kernel_size * kernel_size
         self.weight = nn.Parameter(torch.empty(kk, in_types, out_types, 4, 4, **kw))
@@ -222,9 +376,10 @@ class ConvMatrixCapsules(RoutingLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_transform(self.weight, self.init_std)
-        nn.init.zeros_(self.beta_u)
-        nn.init.zeros_(self.beta_a)
+        lv = self._layer_variant
+        init_parameter(self.weight, lv.conv_weight, self.init_std)
+        init_parameter(self.beta_u, lv.conv_beta_u)
+        init_parameter(self.beta_a, lv.conv_beta_a)
 
     def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``(H_out, W_out)`` for an ``(H, W)`` input grid."""
@@ -269,6 +424,7 @@ class ConvMatrixCapsules(RoutingLayer):
             iterations=self.iterations,
             inverse_temperatures=self.inverse_temperatures,
             routing=self.routing,
+            variant=self.variant,
             normalize_cost=self.normalize_cost,
         )
 
@@ -278,6 +434,7 @@ class ConvMatrixCapsules(RoutingLayer):
         options = {
             "iterations": self.iterations,
             "inverse_temperatures": self.inverse_temperatures,
+            "variant": self.variant,
             "normalize_cost": self.normalize_cost,
         }
         if self.routing == "faithful":
@@ -301,7 +458,8 @@ class ConvMatrixCapsules(RoutingLayer):
             f"in_types={self.in_types}, out_types={self.out_types}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, "
             f"iterations={self.iterations}, routing={self.routing!r}, "
-            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
+            f"variant={self.variant!r}, normalize_cost={self.normalize_cost}, "
+            f"checkpoint={self.checkpoint}"
         )
 
 
@@ -316,8 +474,12 @@ class ClassMatrixCapsules(RoutingLayer):
     Args:
         in_types: input capsule types per position (the paper's D).
         num_classes: E, class capsules.
-        iterations, inverse_temperatures, normalize_cost, init_std, checkpoint: as in
+        iterations, variant, normalize_cost, init_std, checkpoint: as in
             :class:`ConvMatrixCapsules` (``checkpoint`` recomputes the votes too).
+        inverse_temperatures: lambda per iteration (None: the variant's,
+            :func:`authors_inverse_temperatures` with ``final_lambda *
+            class_lambda_factor``: 0.01 for ``"paper"`` and ``"gritzman"``, 0.0025 for
+            ``"official"``).
         coordinate_addition: add scaled coordinates to the votes (paper: yes).
         coordinate_elements: the two vote entries that get the row and the column:
             ``(0, 1)`` (docs/spec.md §2), or ``(3, 7)`` for the paper's "right-hand column" reading
@@ -334,12 +496,13 @@ class ClassMatrixCapsules(RoutingLayer):
         in_types: int,
         *,
         num_classes: int,
-        iterations: int = 2,
+        iterations: int = 3,
         inverse_temperatures: Sequence[float] | None = None,
         coordinate_addition: bool = True,
         coordinate_elements: Sequence[int] = (0, 1),
+        variant: str = DEFAULT_EM_VARIANT,
         normalize_cost: bool = False,
-        init_std: float = 0.5,
+        init_std: float | None = None,
         checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -349,7 +512,11 @@ class ClassMatrixCapsules(RoutingLayer):
         self.in_types = positive_int("in_types", in_types)
         self.num_classes = positive_int("num_classes", num_classes)
         self.iterations = iterations
-        self.inverse_temperatures = _check_routing_options(iterations, inverse_temperatures)
+        self.variant = variant
+        self._layer_variant = lv = _layer_variant(variant)
+        self.inverse_temperatures = _check_routing_options(
+            iterations, inverse_temperatures, lv.final_lambda * lv.class_lambda_factor
+        )
         self.coordinate_addition = bool(coordinate_addition)
         # (row, col) entries; the length is checked just below
         self.coordinate_elements = cast(
@@ -362,7 +529,7 @@ class ClassMatrixCapsules(RoutingLayer):
                 f"coordinate_elements must be two indices in 0..15, got {coordinate_elements!r}"
             )
         self.normalize_cost = bool(normalize_cost)
-        self.init_std = float(init_std)
+        self.init_std = None if init_std is None else float(init_std)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(in_types, num_classes, 4, 4, **kw))
         self.beta_u = nn.Parameter(torch.zeros(num_classes, **kw))
@@ -370,9 +537,10 @@ class ClassMatrixCapsules(RoutingLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_transform(self.weight, self.init_std)
-        nn.init.zeros_(self.beta_u)
-        nn.init.zeros_(self.beta_a)
+        lv = self._layer_variant
+        init_parameter(self.weight, lv.class_weight, self.init_std)
+        init_parameter(self.beta_u, lv.class_beta_u)
+        init_parameter(self.beta_a, lv.class_beta_a)
 
     def votes(self, poses: Tensor) -> Tensor:
         """``V = M W`` (+ coordinates): ``(B, H, W, in_types, 16)`` -> ``(B, I, E, 16)``."""
@@ -401,7 +569,9 @@ class ClassMatrixCapsules(RoutingLayer):
             self.beta_a,
             self.iterations,
             self.inverse_temperatures,
+            variant=self.variant,
             normalize_cost=self.normalize_cost,
+            eps=self._layer_variant.class_eps,
         )
         return mu, act
 
@@ -409,5 +579,6 @@ class ClassMatrixCapsules(RoutingLayer):
         return (
             f"in_types={self.in_types}, num_classes={self.num_classes}, "
             f"iterations={self.iterations}, coordinate_addition={self.coordinate_addition}, "
-            f"normalize_cost={self.normalize_cost}, checkpoint={self.checkpoint}"
+            f"variant={self.variant!r}, normalize_cost={self.normalize_cost}, "
+            f"checkpoint={self.checkpoint}"
         )

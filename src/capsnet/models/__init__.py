@@ -14,9 +14,12 @@ from capsnet.models.registry import (
     ModelInfo,
     ModelOutput,
     create,
+    legacy_kwargs,
     list_models,
     model_info,
+    record_kwargs,
     register_model,
+    restore_kwargs,
 )
 
 __all__ = [
@@ -26,6 +29,9 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "legacy_kwargs",
+    "restore_kwargs",
+    "record_kwargs",
     "CapsNet",
     "MatrixCapsNet",
     "SabourCNN",

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from capsnet.layers import (
+    DEFAULT_EM_VARIANT,
+    EM_LAYER_VARIANTS,
     ROUTING_MODES,
     ClassMatrixCapsules,
     ConvMatrixCapsules,
@@ -29,6 +31,7 @@ from capsnet.layers import (
     authors_inverse_temperatures,
     conv_output_size,
 )
+from capsnet.layers.matrix import init_parameter
 from capsnet.models._common import as_size, check_images, check_targets, positive_int
 from capsnet.models.registry import ModelOutput, register_model
 
@@ -48,13 +51,22 @@ class MatrixCapsNet(nn.Module):
         num_classes: E, class capsules (5 for smallNORB, 10 for MNIST).
         in_channels: image channels.
         input_size: ``H`` or ``(H, W)``, at least 17 (any, also rectangular, size).
-        iterations: EM iterations in every routing layer (default 2; the paper's best
-            smallNORB result used 3, pass ``iterations=3`` for it, see the Note).
+        iterations: EM iterations in every routing layer (default 3, the paper's).
         preset: ``"small"`` (A=64, B=8, C=D=16) or ``"paper"`` (A=B=C=D=32); ``A``-``D``
             given explicitly override it.
         A, B, C, D: Conv1 channels and capsule types of PrimaryCaps, ConvCaps1, ConvCaps2.
+        variant: the EM variant of every layer: ``"paper"``, ``"official"`` or
+            ``"gritzman"`` (the routing maths in :mod:`capsnet.functional.em_variants`,
+            the schedules and initialisations in
+            :data:`capsnet.layers.matrix.EM_LAYER_VARIANTS`; docs/em_variants.md).
+            Default :data:`~capsnet.layers.matrix.DEFAULT_EM_VARIANT`, chosen by the
+            learning curves in docs/results.md. A checkpoint saved without ``variant``
+            (before the variants existed) is rebuilt with ``"paper"`` and
+            ``iterations=2``, its defaults then (registry metadata ``legacy_kwargs``).
         inverse_temperatures: lambda per EM iteration, used by every routing layer (None:
-            :func:`authors_inverse_temperatures`, ``0.01 * (1 - 0.95 ** t)``).
+            each layer's variant schedule, see
+            :class:`~capsnet.layers.ConvMatrixCapsules` and
+            :class:`~capsnet.layers.ClassMatrixCapsules`).
         routing: ``"faithful"`` (default) or ``"per_position"`` for the convolutional
             capsule layers (see :class:`~capsnet.layers.ConvMatrixCapsules`).
         normalize_cost: standardise the EM cost before the logistic (not in the paper).
@@ -62,32 +74,22 @@ class MatrixCapsNet(nn.Module):
         coordinate_elements: the vote entries that get (row, col): ``(0, 1)`` (docs/spec.md) or
             ``(3, 7)`` (the paper's "right-hand column"; see
             :func:`capsnet.functional.coordinate_addition`).
-        init_std: transformation matrices start as identity + N(0, init_std^2).
+        init_std: std of the transformation matrices' initialisation (None: the
+            variant's; ``"paper"``: identity + N(0, 0.5^2)).
         checkpoint: recompute each capsule layer's routing in the backward pass instead of
             keeping its assignments (memory-saving option, see
             :class:`~capsnet.layers.ConvMatrixCapsules`).
 
     Note:
-        Defaults are chosen so that the model trains; each was checked on real MNIST (small
-        preset, batch 16, Adam, spread loss with margin 0.2, a few hundred steps):
-
-        * ``inverse_temperatures``: the authors' ``0.01 * (1 - 0.95 ** t)``. With the paper's
-          cost and lambda of order 1 (:func:`capsnet.functional.default_inverse_temperatures`,
-          1 -> 3) every ConvCaps and class activation of a freshly initialised model is
-          exactly 1.0 in float32 (``lambda * cost`` is in the tens to hundreds), every
-          gradient below the class layer is exactly zero and the model never learns (8 %
-          test accuracy after 100 steps).
-        * ``iterations=2``: with 3 iterations the model stayed at 19-27 % test accuracy
-          after 300 steps (faithful and per-position routing, learning rates 3e-3 and
-          1e-2; 24 % after 100 steps with the assignments detached from the graph); with 2
-          iterations it reached 66-72 % after 100 and 85-89 % after 300 steps.
-          Reproductions report their best results at 2 iterations too (docs/spec.md §2).
-        * ``normalize_cost=False`` (the paper's cost). ``normalize_cost=True`` with lambda 1
-          also trains at 2 iterations (83 % after 300 steps); with lambda 1 -> 3 and 3
-          iterations it stayed at 11 %.
-        * ``routing="faithful"``: each child's assignments are normalised over every parent
-          it feeds, as in the official code and [G19].
-        * transformation matrices start as identity + N(0, 0.5^2), betas at zero.
+        With ``variant="paper"`` (the earlier defaults: lambda 0.01 (1 - 0.95^t) in every
+        layer, W = identity + N(0, 0.5^2), betas 0) the activation mechanism hardly
+        trains: ``beta_a`` moves a logit by lambda ~ 1e-3 per unit, and 3 iterations
+        learned far more slowly than 2. The measured learning curves of the three variants
+        at 2 and 3 iterations, and why the default is what it is, are in docs/results.md
+        ("EM routing variants"); the diagnostics that show whether EM is alive (spread
+        and saturation of the activations, data mass per parent, gradient of the
+        activation path vs the pose path) are :func:`capsnet.probes.em_layer_statistics`
+        and the trainer's ``em`` records in metrics.jsonl.
 
     Shape:
         - images: ``(B, in_channels, H, W)`` float; targets: ignored (no decoder) but
@@ -102,19 +104,20 @@ class MatrixCapsNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 1,
         input_size: int | Sequence[int] = 28,
-        iterations: int = 2,
+        iterations: int = 3,
         *,
         preset: str = "small",
         A: int | None = None,
         B: int | None = None,
         C: int | None = None,
         D: int | None = None,
+        variant: str = DEFAULT_EM_VARIANT,
         inverse_temperatures: Sequence[float] | None = None,
         routing: str = "faithful",
         normalize_cost: bool = False,
         coordinate_addition: bool = True,
         coordinate_elements: Sequence[int] = (0, 1),
-        init_std: float = 0.5,
+        init_std: float | None = None,
         checkpoint: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -124,6 +127,8 @@ class MatrixCapsNet(nn.Module):
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        if variant not in EM_LAYER_VARIANTS:
+            raise ValueError(f"variant must be one of {tuple(EM_LAYER_VARIANTS)}, got {variant!r}")
         given = (A, B, C, D)
         a, b, c, d = (
             g if g is not None else p for g, p in zip(given, PRESETS[preset], strict=True)
@@ -133,7 +138,8 @@ class MatrixCapsNet(nn.Module):
         self.num_classes = positive_int("num_classes", num_classes)
         self.in_channels = positive_int("in_channels", in_channels)
         self.input_size = as_size(input_size)
-        positive_int("iterations", iterations)
+        self.variant = variant
+        self.iterations = positive_int("iterations", iterations)
         grids = [self.input_size]
         for k, s in ((5, 2), (3, 2), (3, 1)):
             h, w = grids[-1]
@@ -148,13 +154,14 @@ class MatrixCapsNet(nn.Module):
         routing_kw = {
             "iterations": iterations,
             "inverse_temperatures": inverse_temperatures,
+            "variant": variant,
             "normalize_cost": normalize_cost,
             "init_std": init_std,
             "checkpoint": checkpoint,
             **kw,
         }
         self.conv1 = nn.Conv2d(in_channels, a, 5, stride=2, **kw)
-        self.primary = PrimaryMatrixCapsules(a, out_types=b, **kw)
+        self.primary = PrimaryMatrixCapsules(a, out_types=b, variant=variant, **kw)
         conv = {"kernel_size": 3, "routing": routing, **routing_kw}
         self.conv_caps1 = ConvMatrixCapsules(b, out_types=c, stride=2, **conv)
         self.conv_caps2 = ConvMatrixCapsules(c, out_types=d, stride=1, **conv)
@@ -165,6 +172,11 @@ class MatrixCapsNet(nn.Module):
             coordinate_elements=tuple(coordinate_elements),
             **routing_kw,
         )
+        primary = EM_LAYER_VARIANTS[variant].primary
+        if primary is not None:  # the official code's ReLU Conv1 (simple_model.add_convs)
+            assert self.conv1.bias is not None
+            init_parameter(self.conv1.weight, ("trunc_normal", 0.0, primary[0]))
+            init_parameter(self.conv1.bias, ("constant", primary[1]))
 
     def forward(self, images: Tensor, targets: Tensor | None = None) -> ModelOutput:
         check_images(images, self.in_channels, self.input_size)
@@ -188,6 +200,9 @@ class MatrixCapsNet(nn.Module):
     extra={
         "presets": dict(PRESETS),
         "expected_params_paper_smallnorb": 316_394,  # preset="paper", num_classes=5
+        # Checkpoints saved without these kwargs were built with these values (the
+        # defaults before the EM variants); capsnet.load rebuilds them so.
+        "legacy_kwargs": {"variant": "paper", "iterations": 2},
     },
 )
 def matrix_capsnet(**kwargs) -> MatrixCapsNet:

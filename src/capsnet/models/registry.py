@@ -22,6 +22,9 @@ __all__ = [
     "create",
     "list_models",
     "model_info",
+    "legacy_kwargs",
+    "restore_kwargs",
+    "record_kwargs",
 ]
 
 
@@ -137,3 +140,26 @@ def list_models() -> list[str]:
 def model_info(name: str) -> ModelInfo:
     """Metadata of a registered model (see :class:`ModelInfo`)."""
     return _lookup(name)
+
+
+def legacy_kwargs(name: str) -> dict[str, Any]:
+    """Constructor arguments whose default changed, with the value a model saved without
+    them was built with (metadata ``extra["legacy_kwargs"]``; ``{}`` for most models)."""
+    return dict(_lookup(name).extra.get("legacy_kwargs", {}))
+
+
+def restore_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs that rebuild a saved model: ``kwargs`` with :func:`legacy_kwargs` filled
+    in where they are missing (a checkpoint from before a default changed)."""
+    return {**legacy_kwargs(name), **kwargs}
+
+
+def record_kwargs(name: str, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``kwargs`` plus the values ``model`` resolved for every :func:`legacy_kwargs` key
+    (its attribute of that name), so that a checkpoint records them and later default
+    changes do not change what it rebuilds."""
+    out = dict(kwargs)
+    for key in legacy_kwargs(name):
+        if key not in out and hasattr(model, key):
+            out[key] = getattr(model, key)
+    return out

@@ -21,26 +21,78 @@ from torch.autograd.function import once_differentiable
 
 from capsnet.functional._common import LOG_2PI, compute_dtype
 from capsnet.functional._kernels.common import matvec, needs_grad, no_autocast, parent_major
+from capsnet.functional.em_variants import EMVariant
 from capsnet.functional.geometry import ConvGeometry
 
 
 class EMConfig(NamedTuple):
-    """The options of one EM routing call, resolved (lambdas as a tuple, geometry built)."""
+    """The options of one EM routing call, resolved (lambdas as a tuple, geometry built).
+
+    The last six fields are the numeric choices of the EM variant
+    (:class:`capsnet.functional.em_variants.EMVariant`), resolved for the call:
+    ``cost_scale`` is the variant's data-mass factor ``mass_scale * O / I`` (or 1), and
+    ``per_type`` says that a convolutional layer's E-step normalises each child over the
+    positions of each parent type separately (``geometry`` is then built per type).
+    """
 
     lambdas: tuple[float, ...]
     normalize_cost: bool
     var_floor: float
     eps: float
     geometry: ConvGeometry | None
+    beta_a_scale: float = 1.0
+    beta_u_scale: float = 1.0
+    log_var_scale: float = 0.5
+    cost_scale: float = 1.0
+    mean_momentum: float = 0.0
+    per_type: bool = False
 
 
-def _em_cost(s: Tensor, log_var: Tensor, beta_u: Tensor, normalize: bool, eps: float) -> Tensor:
-    """``sum_h (beta_u + log sigma^h) sum_i R'_ij`` (optionally standardised): ``(G, O)``."""
+def make_em_config(
+    variant: EMVariant,
+    lambdas: Sequence[float],
+    normalize_cost: bool,
+    var_floor: float | None,
+    eps: float | None,
+    geometry: ConvGeometry | None,
+    *,
+    in_caps: int,
+    out_caps: int,
+) -> EMConfig:
+    """The :class:`EMConfig` of a call: ``variant``'s choices for ``in_caps`` children and
+    ``out_caps`` parents per group; ``var_floor`` / ``eps`` None take the variant's."""
+    cost_scale = 1.0
+    if variant.mass_scale is not None:
+        cost_scale = variant.mass_scale * out_caps / max(in_caps, 1)
+    return EMConfig(
+        lambdas=tuple(float(x) for x in lambdas),
+        normalize_cost=bool(normalize_cost),
+        var_floor=float(variant.var_floor if var_floor is None else var_floor),
+        eps=float(variant.eps if eps is None else eps),
+        geometry=geometry,
+        beta_a_scale=float(variant.beta_a_scale),
+        beta_u_scale=float(variant.beta_u_scale),
+        log_var_scale=float(variant.log_var_scale),
+        cost_scale=float(cost_scale),
+        mean_momentum=float(variant.mean_momentum),
+        per_type=geometry is not None and variant.conv_normalization == "per_type",
+    )
+
+
+def _em_cost(
+    s: Tensor, log_var: Tensor, beta_u: Tensor, config: EMConfig, normalize: bool
+) -> Tensor:
+    """``cost_scale * s * (beta_u_scale * D * beta_u + log_var_scale * sum_h log var^h)``
+    (optionally standardised over the parents): ``(G, O)``. Paper: ``sum_h (beta_u +
+    log sigma^h) sum_i R'_ij``."""
     dim = log_var.shape[-1]
-    cost = s * (beta_u * dim + 0.5 * log_var.sum(-1))
+    per_entry = beta_u * (config.beta_u_scale * dim) + config.log_var_scale * log_var.sum(-1)
+    cost = s * per_entry
+    if config.cost_scale != 1.0:
+        cost = cost * config.cost_scale
     if normalize:
         mean = cost.mean(dim=-1, keepdim=True)
-        std = (cost - mean).pow(2).mean(dim=-1, keepdim=True).add(eps).sqrt()
+        std = (cost - mean).pow(2).mean(dim=-1, keepdim=True).add(config.eps).sqrt()
         cost = (cost - mean) / std
     return cost
 
@@ -51,7 +103,7 @@ def _em_cost_backward(
     """Gradient w.r.t. the raw cost of :func:`_em_cost` given ``grad`` w.r.t. its output."""
     if not config.normalize_cost:
         return grad
-    cost = _em_cost(s, log_var, beta_u, False, config.eps)
+    cost = _em_cost(s, log_var, beta_u, config, False)
     mean = cost.mean(dim=-1, keepdim=True)
     std = (cost - mean).pow(2).mean(dim=-1, keepdim=True).add(config.eps).sqrt()
     normed = (cost - mean) / std
@@ -69,6 +121,7 @@ def m_step(
     inverse_temperature: float,
     config: EMConfig,
     work: Tensor,
+    mu_prev: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """M-step of [H18] Procedure 1 for every parent j (docs/spec.md §2)::
 
@@ -78,13 +131,21 @@ def m_step(
         cost_j = sum_h (beta_u + log sigma_j^h) sum_i R'_ij
         a_j = logistic(lambda (beta_a - cost_j))
 
+    in the paper's form; other EM variants scale the terms and damp the mean
+    (:mod:`capsnet.functional.em_variants`: ``mu = (1 - m) mean + m mu_prev``, ``cost =
+    cost_scale s (beta_u_scale D beta_u + log_var_scale sum_h log var^h)``, ``logit =
+    lambda (beta_a_scale beta_a - cost)``).
+
     Args:
         votes: ``V (G, O, I, D)``, parent-major.
         weights: ``R'_ij (G, O, I)``.
         beta_u, beta_a: ``(G, O)``.
         inverse_temperature: lambda of this iteration.
-        config: the options (cost standardisation, variance floor, eps).
+        config: the options (the variant's scales, cost standardisation, variance floor,
+            eps).
         work: a ``(G*O, I, D)`` buffer; left holding ``(V_ij^h - mu_j^h)^2`` for the E-step.
+        mu_prev: the previous iteration's means ``(G, O, D)`` (None: zeros); used only
+            with a mean momentum.
 
     Returns:
         ``(mu, var_raw, log_var, logit)``: means ``(G, O, D)``, variances before the
@@ -96,24 +157,30 @@ def m_step(
     mass = weights.sum(-1)  # sum_i R'_ij: (G, O)
     n = (mass + config.eps).unsqueeze(-1)  # Note: + eps keeps all-zero activations finite
     mu = torch.bmm(wf, vf).view(g, o, d) / n
+    if config.mean_momentum:
+        # Note: not in [H18]; the official code's damped centre (em_variants "official").
+        mu = mu * (1.0 - config.mean_momentum)
+        if mu_prev is not None:
+            mu = mu + config.mean_momentum * mu_prev
     torch.sub(vf, mu.view(g * o, 1, d), out=work).square_()  # (V_ij^h - mu_j^h)^2
     var_raw = torch.bmm(wf, work).view(g, o, d) / n
     # Note: a variance floor (not in the paper) keeps log(sigma) finite when all votes of
     # a parent agree exactly or a parent has a single child ([G19] pitfall 2).
     log_var = (var_raw + config.var_floor).log()
-    cost = _em_cost(mass, log_var, beta_u, config.normalize_cost, config.eps)
-    logit = inverse_temperature * (beta_a - cost)
+    cost = _em_cost(mass, log_var, beta_u, config, config.normalize_cost)
+    logit = inverse_temperature * (config.beta_a_scale * beta_a - cost)
     return mu, var_raw, log_var, logit
 
 
-def e_step(work: Tensor, log_var: Tensor, logit: Tensor, geometry: ConvGeometry | None) -> Tensor:
+def e_step(work: Tensor, log_var: Tensor, logit: Tensor, config: EMConfig) -> Tensor:
     """E-step of [H18] Procedure 1 (docs/spec.md §2): the new assignments ``R (G, O, I)``::
 
         R_ij = a_j p_ij / sum_k a_k p_ik,  p_ij = prod_h N(V_ij^h; mu_j^h, (sigma_j^h)^2)
 
     computed in log space: ``log a_j + log p_ij`` normalised over the parents of child i
     (a softmax; for a capsule convolution over every parent, at every position and of
-    every type, that the child feeds). ``work (G*O, I, D)`` holds ``(V - mu)^2`` from
+    every type, that the child feeds, or, with ``config.per_type``, over the positions of
+    each parent type separately). ``work (G*O, I, D)`` holds ``(V - mu)^2`` from
     :func:`m_step` and is overwritten; ``log_var (G, O, D)``, ``logit (G, O)``.
     """
     g, o, d = log_var.shape
@@ -122,17 +189,23 @@ def e_step(work: Tensor, log_var: Tensor, logit: Tensor, geometry: ConvGeometry 
     log_r = matvec(work, inv_var.view(g * o, d)).view(g, o, i).mul_(-0.5)
     # log a_j = logsigmoid(logit): exact, and finite where a_j underflows to 0.
     log_r += (F.logsigmoid(logit) - 0.5 * (log_var + LOG_2PI).sum(-1)).unsqueeze(-1)
-    return _e_step_normalize(log_r, geometry)
+    return _e_step_normalize(log_r, config)
 
 
-def _e_step_normalize(log_r: Tensor, geometry: ConvGeometry | None) -> Tensor:
+def _e_step_normalize(log_r: Tensor, config: EMConfig) -> Tensor:
     """Assignments from E-step logits ``(G, O, I)``, in place: a softmax over parents.
 
-    For a capsule convolution, over every parent (all positions and types) of the child.
+    For a capsule convolution, over every parent (all positions and types) of the child,
+    or (``per_type``) over all positions of each parent type.
     """
+    geometry = config.geometry
     if geometry is None:
         return torch.softmax(log_r, dim=1)
     n, p, s = geometry.batch, geometry.positions, geometry.slots
+    if config.per_type:  # slots are (parent type, child slot) pairs
+        flat = log_r.view(n, p, s)
+        unnorm = flat.sub_(geometry.child_max(flat)).exp_()
+        return unnorm.div_(geometry.child_sum(unnorm)).view(log_r.shape)
     shift = geometry.child_max(log_r.amax(dim=1).view(n, p, s)).view(n * p, 1, s)
     unnorm = log_r.sub_(shift).exp_()
     return unnorm.div_(geometry.child_sum(unnorm.sum(dim=1).view(n, p, s)).view(n * p, 1, s))
@@ -143,9 +216,9 @@ def em_forward(
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """[H18] Procedure 1 on parent-major votes ``(G, O, I, D)``, no autograd.
 
-    Starts from ``R_ij = 1 / O`` (for a capsule convolution, 1 / the number of parents the
-    child feeds) and alternates :func:`m_step` and :func:`e_step`; the E-step after the last
-    M-step is skipped.
+    Starts from ``R_ij = 1 / O`` (for a capsule convolution normalised over all parents,
+    1 / the number of parents the child feeds) and alternates :func:`m_step` and
+    :func:`e_step`; the E-step after the last M-step is skipped.
 
     ``act (G, I)``, ``beta_u``, ``beta_a`` ``(G, O)``. Returns ``mu (G, O, D)``, the
     activation logits ``(G, O)``, the assignments of the last M-step ``(G, O, I)`` and the
@@ -154,7 +227,7 @@ def em_forward(
     g, o, i, d = votes.shape
     work = torch.empty(g * o, i, d, dtype=votes.dtype, device=votes.device)
     geometry = config.geometry
-    if geometry is None:
+    if geometry is None or config.per_type:
         assign = votes.new_full((1, 1, 1), 1.0 / o).expand(g, o, i)  # R_ij = 1 / O
     else:  # R_ij = 1 / (number of parents the child feeds)
         fan = geometry.fan_out(o, votes.dtype).view(g, 1, i)
@@ -162,11 +235,15 @@ def em_forward(
     a = act.unsqueeze(1)  # (G, 1, I)
     saved: list[Tensor] = []
     last = len(config.lambdas) - 1
+    mu: Tensor | None = None  # the previous centre (the official variant damps towards it)
     for t, lam in enumerate(config.lambdas):
-        mu, var_raw, log_var, logit = m_step(votes, assign * a, beta_u, beta_a, lam, config, work)
+        mu, var_raw, log_var, logit = m_step(
+            votes, assign * a, beta_u, beta_a, lam, config, work, mu
+        )
         saved += [assign, mu, var_raw, logit]
         if t < last:
-            assign = e_step(work, log_var, logit, geometry)
+            assign = e_step(work, log_var, logit, config)
+    assert mu is not None  # at least one iteration
     return mu, logit, assign, saved
 
 
@@ -197,6 +274,8 @@ def em_backward(
     g, o, i, d = votes.shape
     go = g * o
     eps, floor, geometry = config.eps, config.var_floor, config.geometry
+    momentum = config.mean_momentum
+    cost_scale, u_scale, lv_scale = config.cost_scale, config.beta_u_scale, config.log_var_scale
     last = len(config.lambdas) - 1
     centre = saved[4 * last + 1]  # mu of the last iteration: (G, O, D)
     vc = torch.sub(votes.view(go, i, d), centre.view(go, 1, d))  # V - c
@@ -230,11 +309,17 @@ def em_backward(
             # E_ij = sum_h (V_ij^h - mu_j^h)^2 / var_j^h.
             r_next = saved[4 * (t + 1)]
             assert grad_next is not None  # set by iteration t + 1
-            inner = (grad_next * r_next).sum(dim=1)  # (G, I)
-            if geometry is not None:  # normalised over all of the child's parents
+            inner = grad_next * r_next  # (G, O, I)
+            if geometry is not None and config.per_type:  # per type, over all positions
                 n_, p_, s_ = geometry.batch, geometry.positions, geometry.slots
-                inner = geometry.child_sum(inner.view(n_, p_, s_)).view(g, i)
-            grad_l = r_next * (grad_next - inner.unsqueeze(1))  # (G, O, I)
+                inner = geometry.child_sum(inner.view(n_, p_, s_)).view(g, o, i)
+            else:
+                inner = inner.sum(dim=1)  # (G, I)
+                if geometry is not None:  # normalised over all of the child's parents
+                    n_, p_, s_ = geometry.batch, geometry.positions, geometry.slots
+                    inner = geometry.child_sum(inner.view(n_, p_, s_)).view(g, i)
+                inner = inner.unsqueeze(1)
+            grad_l = r_next * (grad_next - inner)  # (G, O, I)
             grad_e = grad_l * -0.5
             grad_l_sum = grad_l.sum(-1)  # (G, O)
             grad_logit_acc = grad_logit_acc + grad_l_sum * torch.sigmoid(-logit)
@@ -247,21 +332,33 @@ def em_backward(
             child_factors.append(grad_e)
             scale_factors.append(2.0 * inv_var)
             const_factors.append(-2.0 * shift * inv_var)
-        # M-step t: logit = lam (beta_a - cost), cost = s (D beta_u + 0.5 sum_h log var^h)
-        grad_ba += lam * grad_logit_acc
+        # M-step t: logit = lam (beta_a_scale beta_a - cost),
+        # cost = cost_scale s (beta_u_scale D beta_u + log_var_scale sum_h log var^h)
+        grad_ba += (lam * config.beta_a_scale) * grad_logit_acc
         grad_cost = _em_cost_backward(s, log_var, beta_u, -lam * grad_logit_acc, config)
-        per_entry = beta_u * d + 0.5 * log_var.sum(-1)
+        grad_cost = grad_cost * cost_scale
+        per_entry = beta_u * (u_scale * d) + lv_scale * log_var.sum(-1)
         grad_s = grad_cost * per_entry
-        grad_bu += grad_cost * s * d
-        grad_var = grad_var + (0.5 * grad_cost * s).unsqueeze(-1) * inv_var  # log var
+        grad_bu += grad_cost * s * (u_scale * d)
+        grad_var = grad_var + (lv_scale * grad_cost * s).unsqueeze(-1) * inv_var  # log var
         # var = Q / n + floor, Q_j^h = sum_i R'_ij (V_ij^h - mu_j^h)^2
         grad_q = grad_var / n
         grad_n = -(grad_var * var_raw).sum(-1)
-        # dQ/dmu = -2 sum_i R'_ij (V_ij - mu_j) = -2 mu_j eps exactly, as mu = P / (s + eps)
-        grad_mu_acc = grad_mu_acc - 2.0 * eps * grad_q * mu
-        # mu = P / n, P_j^h = sum_i R'_ij V_ij^h
-        grad_p = grad_mu_acc / n
-        grad_n = (grad_n - (grad_mu_acc * mu).sum(-1)) / n.squeeze(-1)
+        if momentum:
+            # mu = (1 - m) P / n + m mu_prev: dQ/dmu = -2 (P - s mu), P = n * mean
+            mu_prev = saved[4 * (t - 1) + 1] if t > 0 else zeros_od
+            mean = (mu - momentum * mu_prev) / (1.0 - momentum)
+            grad_mu_acc = grad_mu_acc - 2.0 * grad_q * (s.unsqueeze(-1) * (mean - mu) + eps * mean)
+            grad_mean = (1.0 - momentum) * grad_mu_acc
+            grad_mu_t = momentum * grad_mu_acc  # to mu of iteration t - 1
+        else:
+            # dQ/dmu = -2 sum_i R'_ij (V_ij - mu_j) = -2 mu_j eps exactly, as mu = P / (s + eps)
+            grad_mu_acc = grad_mu_acc - 2.0 * eps * grad_q * mu
+            mean, grad_mean = mu, grad_mu_acc
+            grad_mu_t = zeros_od
+        # mean = P / n, P_j^h = sum_i R'_ij V_ij^h
+        grad_p = grad_mean / n
+        grad_n = (grad_n - (grad_mean * mean).sum(-1)) / n.squeeze(-1)
         grad_s = grad_s + grad_n  # n = s + eps
         # dP/dR' = V = (V - c) + c; dQ/dR' = (V - mu)^2
         grad_w = (grad_s + (grad_p * centre).sum(-1)).unsqueeze(-1)
@@ -276,7 +373,6 @@ def em_backward(
         grad_next = grad_w * a
         if t == last and grad_assign is not None:
             grad_next = grad_next + grad_assign
-        grad_mu_t = zeros_od
         grad_logit_t = votes.new_zeros(g, o)
     k = len(child_factors)
     left = torch.stack(child_factors, dim=-1).view(go, i, k)
