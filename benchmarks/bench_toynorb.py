@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (best)")
     args = parser.parse_args()
     views = [(30, 0), (40, 60), (50, 120), (60, 180), (70, 240), (45, 300)]
-    print(f"{platform.processor() or platform.machine()}, load average {os.getloadavg()}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{platform.processor() or platform.machine()}, load average {load}")
     total = 0.0
     for category, name in enumerate(CATEGORIES):
         mesh = build_object(category, 4)
