@@ -48,6 +48,9 @@ def test_mcnemar_matches_the_binomial_test():
         expected = sps.binomtest(min(a, b), a + b, 0.5).pvalue
         assert stats.mcnemar_exact(a, b) == pytest.approx(expected)
     assert stats.mcnemar_exact(0, 0) == 1.0
+    # thousands of discordant images (2^n overflows a float): still exact, no error
+    assert stats.mcnemar_exact(900, 1100) == pytest.approx(sps.binomtest(900, 2000).pvalue)
+    assert stats.mcnemar_exact(3000, 3000) == pytest.approx(1.0)
 
 
 def test_paired_comparison():

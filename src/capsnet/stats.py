@@ -135,8 +135,9 @@ def mcnemar_exact(only_a_wrong: int, only_b_wrong: int) -> float:
     if n == 0:
         return 1.0
     k = min(only_a_wrong, only_b_wrong)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return float(min(1.0, 2.0 * tail))
+    tail = sum(math.comb(n, i) for i in range(k + 1))  # an exact integer
+    # P(X <= k) = tail / 2^n, in log space: 2^n overflows a float beyond n = 1023
+    return float(min(1.0, 2.0 * math.exp(math.log(tail) - n * math.log(2.0))))
 
 
 def paired_comparison(
