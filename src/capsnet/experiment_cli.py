@@ -376,10 +376,19 @@ def _done(record: dict[str, Any], out: Path) -> int:
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapper(args: argparse.Namespace) -> int:
-        if getattr(args, "num_threads", None):
-            import torch
+        import torch
 
-            torch.set_num_threads(args.num_threads)
+        from capsnet.runtime import choose_threads
+
+        # --num-threads, else the start-of-run thread policy of capsnet.runtime (a busy
+        # core would otherwise stall every small routing operation: benchmarks/RESULTS.md)
+        device = (
+            "cuda"
+            if getattr(args, "device", "cpu") != "cpu" and torch.cuda.is_available()
+            else "cpu"
+        )
+        threads, _, _ = choose_threads(getattr(args, "num_threads", None) or None, device=device)
+        torch.set_num_threads(threads)
         try:
             return fn(args)
         except (*USER_ERRORS, KeyError) as err:
