@@ -160,3 +160,37 @@ def test_capsule_activations_and_dead_fraction():
     assert probes.capsule_activations(TinyCNN(), torch.rand(2, 1, 28, 28)) == {}
     fake = {"a": torch.tensor([[0.0, 0.5, 0.005], [0.0, 0.0, 0.009]]), "b": torch.ones(2, 4)}
     assert probes.dead_capsule_fraction(fake) == {"a": pytest.approx(2 / 3), "b": 0.0}
+
+
+def test_em_layer_statistics_and_gradient_norms():
+    model = tiny_matrix()
+    x = torch.rand(3, 1, 28, 28)
+    stats = probes.em_layer_statistics(model, x)
+    assert list(stats) == ["conv_caps1", "conv_caps2", "class_caps"]
+    with probes.capture_routing(model) as cap:
+        out = model(x)
+    last = cap.calls[-1]
+    mass = (last.outputs[2] * last.arguments["activations"].unsqueeze(-1)).sum(-2).mean()
+    assert stats["class_caps"]["mass"] == pytest.approx(float(mass), rel=1e-5)
+    assert stats["class_caps"]["activation_std"] == pytest.approx(
+        float(out.scores.detach().std()), rel=1e-4
+    )
+    # a class layer pushed into saturation (|beta_a| huge, whatever its scale) reads so
+    with torch.no_grad():
+        model.class_caps.beta_a.fill_(1e6)
+    saturated = probes.em_layer_statistics(model, x)["class_caps"]
+    assert saturated["saturated"] == 1.0 and saturated["activation_std"] < 1e-6
+    model.train()  # the mode is restored
+    probes.em_layer_statistics(model, x)
+    assert model.training
+    # gradient norms: zero before a backward pass, positive after
+    model.zero_grad(set_to_none=True)
+    assert all(
+        v == {"grad_activation": 0.0, "grad_pose": 0.0}
+        for v in probes.em_gradient_norms(model).values()
+    )
+    model2 = tiny_matrix()
+    CF.spread_loss(model2(x).scores, torch.tensor([0, 1, 2]), margin=0.2).backward()
+    norms = probes.em_gradient_norms(model2)
+    assert set(norms) == {"primary", "conv_caps1", "conv_caps2", "class_caps"}
+    assert all(v["grad_pose"] > 0 for v in norms.values())

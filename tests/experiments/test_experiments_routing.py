@@ -27,6 +27,16 @@ def test_routing_experiment(tmp_path, which):
         probes.capsule_activations(model, torch.rand(1, 1, 28, 28))
     )
     assert len(res["examples"]) == n
+    if which == "em":  # is EM alive? per matrix-capsule layer
+        layers = res["em_layers"]
+        assert set(layers) == {"primary", "conv_caps1", "conv_caps2", "class_caps"}
+        for name in ("conv_caps1", "conv_caps2", "class_caps"):
+            assert 0.0 <= layers[name]["saturated"] <= 1.0 and layers[name]["mass"] > 0
+            assert layers[name]["activation_std"] >= 0.0
+            assert layers[name]["grad_activation"] > 0 and layers[name]["grad_pose"] > 0
+        assert all(p.grad is None for p in model.parameters())  # gradients not left behind
+    else:
+        assert res["em_layers"] == {}
     expected = {"agreement_distance.png", "agreement_cosine.png", "dead_capsules.png"}
     expected |= {f"{kind}_{k}.png" for kind in ("couplings", "vote_distances") for k in range(n)}
     assert set(rec["figures"]) == expected
