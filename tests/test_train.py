@@ -390,3 +390,32 @@ def test_training_records_name_code_machine_and_load(tmp_path):
         assert {"commit", "capsnet", "torch", "cpu", "threads", "load_average"} <= set(env)
         assert env["device"] == "cpu" and env["seed"] == 0
     assert ev["environment"]["wall_seconds"] > 0 and ev["best"]["selected_on"] == "test"
+
+
+def test_max_minutes_ends_inside_an_epoch_and_resume_continues(data_root, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(data_root, full, epochs=2))
+    short = tmp_path / "short"
+    # 6 ms of training: the first step (it takes longer) is the last one
+    train(tiny_config(data_root, short, epochs=2, max_minutes=1e-4))
+    rows = _read_metrics(short)
+    (limit,) = [r for r in rows if r["kind"] == "time_limit"]
+    assert limit["step"] == 1 and limit["max_minutes"] == 1e-4
+    assert limit["train_seconds"] >= 6e-3
+    (epoch,) = [r for r in rows if r["kind"] == "epoch"]
+    assert epoch["epoch"] == 0.25 and epoch["step"] == 1  # 4 steps per epoch
+    assert "test_error" in epoch
+    final = json.loads((short / "evaluation.json").read_text())
+    assert final["num_examples"] == 40 and final["best"]["epoch"] == 0.25
+    # --resume without the limit continues inside the epoch, to the uninterrupted weights
+    train(resume_config(short, max_minutes=None), resume=True)
+    assert_same_weights(weights(full), weights(short))
+    epochs = [r["epoch"] for r in _read_metrics(short) if r["kind"] == "epoch"]
+    assert epochs == [0.25, 1, 2]
+
+
+def test_max_minutes_is_checked():
+    with pytest.raises(ValueError, match="max_minutes must be a finite number > 0"):
+        RunConfig(model="capsnet", dataset="mnist", max_minutes=0)
+    with pytest.raises(ValueError, match="max_minutes"):
+        RunConfig(model="capsnet", dataset="mnist", max_minutes=float("inf"))

@@ -112,6 +112,11 @@ class RunConfig:
     margin_per_epoch: float = _f(0.1, "spread-loss margin increase per epoch")
     # ---------------------------------------------------------------- optimisation
     epochs: int = _f(10, "number of epochs")
+    max_minutes: float | None = _f(
+        None,
+        "end the run after N minutes of training steps (evaluation not counted): a final "
+        "evaluation, then done; --resume with a larger value continues",
+    )
     batch_size: int = _f(128, "global batch size (split over distributed ranks)")
     eval_batch_size: int = _f(256, "evaluation batch size")
     optimizer: str = _f("adam", "optimiser")
@@ -303,6 +308,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ValueError(f"reconstruction_weight must be >= 0, got {cfg.reconstruction_weight}")
     if not 0 < cfg.lr_decay_rate <= 1:
         raise ValueError(f"lr_decay_rate must be in (0, 1], got {cfg.lr_decay_rate}")
+    if cfg.max_minutes is not None and not 0 < cfg.max_minutes < float("inf"):
+        raise ValueError(f"max_minutes must be a finite number > 0 or None, got {cfg.max_minutes}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ValueError(f"grad_clip must be > 0 or None, got {cfg.grad_clip}")
     if not 0 <= cfg.margin_start <= cfg.margin_stop <= 1:

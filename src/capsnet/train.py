@@ -81,7 +81,7 @@ RESUME_OVERRIDES = (
     "epochs", "device", "num_threads", "data_root", "download", "progress", "tensorboard",
     "plot", "dist_backend", "dist_timeout", "checkpoint_every", "log_every",
     "limit_eval_batches", "eval_every", "eval_batch_size", "keep_checkpoints",
-    "skip_nonfinite_steps",
+    "skip_nonfinite_steps", "max_minutes",
 )  # fmt: skip
 """Config fields ``--resume`` may change; the others would break the continuation."""
 
@@ -336,7 +336,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.state: dict[str, Any] = {
             "epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "skipped_steps": 0,
+            "train_seconds": 0.0,  # time in training steps (not evaluation), for max_minutes
         }  # fmt: skip
+        self.time_up = False
         self.epoch_sums: list[float] | None = None
         self.window_sums: list[float] | None = None
         self.stop_signal: int | None = None
@@ -473,22 +475,41 @@ class Trainer:
             self._print(f"{self.threads_start.after} CPU threads ({self.threads_start.reason})")
         final = None
         for epoch in range(st["epoch"], cfg.epochs):
+            if self._out_of_time():  # resumed with no time left
+                break
             start = st["batch_in_epoch"]
             train_loss, train_acc, seconds = self._train_epoch(epoch)
-            st.update(epoch=epoch + 1, batch_in_epoch=0)
+            done = st["batch_in_epoch"]
+            if self.time_up and done < self.steps_per_epoch:
+                # A time limit ends the run inside the epoch: the record's epoch is
+                # fractional and the checkpoint continues this epoch on --resume.
+                epoch_value: float = round(epoch + done / self.steps_per_epoch, 4)
+            else:
+                st.update(epoch=epoch + 1, batch_in_epoch=0)
+                epoch_value = epoch + 1
             record = {
-                "kind": "epoch", "epoch": epoch + 1, "step": st["step"],
+                "kind": "epoch", "epoch": epoch_value, "step": st["step"],
                 "train_loss": train_loss, "train_accuracy": train_acc,
                 "lr": self.scheduler.get_last_lr()[0], "time_s": round(seconds, 2),
-                "images_per_s": round(
-                    (self.steps_per_epoch - start) * cfg.batch_size / seconds, 1
-                ),
+                "images_per_s": round((done - start) * cfg.batch_size / max(seconds, 1e-9), 1),
             }  # fmt: skip
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or self.time_up:
                 final = self._evaluate_all(record)
             self.log.write(record)
             self._print(epoch_summary(record, cfg.epochs, cfg.eval_split))
             self._save("last", record)
+            if self.time_up:
+                self._print(
+                    f"time limit reached: {st['train_seconds'] / 60:.1f} of "
+                    f"{cfg.max_minutes:g} minutes of training, {st['step']} steps "
+                    f"(epoch {epoch_value} of {cfg.epochs})"
+                )
+                self.log.write({
+                    "kind": "time_limit", "step": st["step"], "epoch": epoch_value,
+                    "train_seconds": round(st["train_seconds"], 2),
+                    "max_minutes": cfg.max_minutes,
+                })  # fmt: skip
+                break
             if self._stop_requested() and epoch + 1 < cfg.epochs:
                 raise self._interrupted(saved=True)
         if final is None:  # resumed after the last epoch had finished
@@ -526,7 +547,7 @@ class Trainer:
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not bars, unit="batch", dynamic_ncols=True,
         )  # fmt: skip
-        tic = window_tic = line_tic = step_tic = time.perf_counter()
+        tic = window_tic = line_tic = step_tic = self._step_tic = time.perf_counter()
         for i, batch in self._batches(epoch, start):
             loss, correct, final_loss = self._forward_loss(batch, margin)
             self.optimizer.zero_grad(set_to_none=True)
@@ -543,7 +564,8 @@ class Trainer:
             bar.update()
             now = time.perf_counter()
             threads = self.threads.after_step(now - step_tic)
-            step_tic = now
+            st["train_seconds"] += now - step_tic
+            step_tic = self._step_tic = now
             if threads is not None:
                 self.log.write({**threads.record(), "step": st["step"]})
             if self.em_layers and (st["step"] == 1 or i + 1 == self.steps_per_epoch):
@@ -570,6 +592,12 @@ class Trainer:
                 window, window_tic = _Meter(self.device), time.perf_counter()
             if (i + 1) in self.snapshot_batches:
                 self._save(f"snapshot-{st['step']}", None)  # weights only, kept
+            if self.time_up:  # every rank agreed in _check_step; _fit saves and ends
+                bar.close()
+                self.epoch_sums = meter.sums.tolist()
+                self.window_sums = window.sums.tolist()
+                epoch_loss, acc, _, _ = meter.reduced()
+                return epoch_loss, acc, time.perf_counter() - tic
             stop = self._stop_requested()
             if stop or (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0):
                 if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
@@ -596,15 +624,18 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        dev = norm.device
         flags = torch.stack([
             ~torch.isfinite(images).all(), ~torch.isfinite(loss.detach()).all(),
             ~torch.isfinite(norm), torch.tensor(self.stop_signal is not None, device=norm.device),
+            torch.tensor(self._out_of_time(time.perf_counter() - self._step_tic), device=dev),
         ]).double()  # fmt: skip
         if self.ctx.is_distributed:
             flags = distributed.all_reduce_sum(flags)
-        bad_input, bad_loss, bad_grad, stop = (v > 0 for v in flags.tolist())
+        bad_input, bad_loss, bad_grad, stop, time_up = (v > 0 for v in flags.tolist())
         if stop and self.stop_signal is None:
             self.stop_signal = signal.SIGTERM  # another rank was signalled
+        self.time_up = self.time_up or time_up  # this step is the last one
         step = self.state["step"] + 1
         where = f"step {step} (epoch {epoch + 1}, batch {i + 1})"
         if bad_input:
@@ -632,6 +663,12 @@ class Trainer:
             + ". Lower --lr, set --grad-clip, or allow skipping (skip_nonfinite_steps)"
             + (f"; the last good checkpoint is {resume}" if resume else "")
         )
+
+    def _out_of_time(self, running: float = 0.0) -> bool:
+        """True once ``max_minutes`` of training steps (``running`` seconds of the current
+        step included) have been spent; evaluation time does not count."""
+        limit = self.cfg.max_minutes
+        return limit is not None and self.state["train_seconds"] + running >= 60 * limit
 
     def _model_is_finite(self) -> bool:
         return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()])
