@@ -593,11 +593,7 @@ class Trainer:
             if (i + 1) in self.snapshot_batches:
                 self._save(f"snapshot-{st['step']}", None)  # weights only, kept
             if self.time_up:  # every rank agreed in _check_step; _fit saves and ends
-                bar.close()
-                self.epoch_sums = meter.sums.tolist()
-                self.window_sums = window.sums.tolist()
-                epoch_loss, acc, _, _ = meter.reduced()
-                return epoch_loss, acc, time.perf_counter() - tic
+                break
             stop = self._stop_requested()
             if stop or (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0):
                 if i + 1 < self.steps_per_epoch:  # the epoch end saves anyway
@@ -608,7 +604,11 @@ class Trainer:
                         bar.close()
                         raise self._interrupted(saved=True)
         bar.close()
-        self.epoch_sums = None  # the epoch is complete; nothing to continue
+        if self.time_up and st["batch_in_epoch"] < self.steps_per_epoch:
+            # A time limit ended the epoch early: _fit saves, --resume continues the sums.
+            self.epoch_sums, self.window_sums = meter.sums.tolist(), window.sums.tolist()
+        else:
+            self.epoch_sums = None  # the epoch is complete; nothing to continue
         epoch_loss, acc, _, _ = meter.reduced()
         return epoch_loss, acc, time.perf_counter() - tic
 
@@ -627,7 +627,7 @@ class Trainer:
         dev = norm.device
         flags = torch.stack([
             ~torch.isfinite(images).all(), ~torch.isfinite(loss.detach()).all(),
-            ~torch.isfinite(norm), torch.tensor(self.stop_signal is not None, device=norm.device),
+            ~torch.isfinite(norm), torch.tensor(self.stop_signal is not None, device=dev),
             torch.tensor(self._out_of_time(time.perf_counter() - self._step_tic), device=dev),
         ]).double()  # fmt: skip
         if self.ctx.is_distributed:
