@@ -176,3 +176,19 @@ def test_suite_path_with_a_device(tmp_path, monkeypatch):
     assert res["impls"]["capsnet"]["median_s"] > 0
     assert res["memory"]["capsnet"]["kind"] == "max_rss"
     assert "smoke_matrix" in out.read_text()
+
+
+def test_chunk_sweep_times_each_size_and_names_the_rule(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import chunk_sweep
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from capsnet.functional._kernels import em as EM_KERNEL
+
+    before = EM_KERNEL.EM_CHUNK_BYTES
+    chunk_sweep.main(["--batch", "2", "--reps", "1", "--sizes-mib", "0.5,1", "--no-chunks"])
+    out = capsys.readouterr().out
+    assert EM_KERNEL.EM_CHUNK_BYTES == before  # the forced size is put back
+    for row in ("0.5 MiB", "1 MiB", "one chunk", "fastest:", "the rule gives"):
+        assert row in out

@@ -19,6 +19,7 @@ memory:
 
 Files: :mod:`.dynamic` (dynamic routing), :mod:`.em` (EM routing: the M-step and E-step
 that train, the chunked forward and the backward pass), :mod:`.conv` (a convolutional
-matrix-capsule layer's votes fused with its EM routing). Nothing here checks arguments:
+matrix-capsule layer's votes fused with its EM routing), :mod:`.chunking` (how many
+examples EM routing works on at a time, per device). Nothing here checks arguments:
 the public functions do, then call in.
 """

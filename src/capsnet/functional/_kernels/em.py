@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from capsnet.functional._common import LOG_2PI, compute_dtype
+from capsnet.functional._kernels.chunking import chunk_bytes
 from capsnet.functional._kernels.common import matvec, needs_grad, no_autocast, parent_major
 from capsnet.functional.em_variants import EMVariant
 from capsnet.functional.geometry import ConvGeometry
@@ -386,18 +387,18 @@ def em_backward(
     return grad_votes.view(g, o, i, d), grad_act, grad_bu, grad_ba
 
 
-# Rows of the parent-major votes (G, O, I, D) are routed in chunks of about this many bytes
-# of votes: every iteration makes several passes over the votes, and a chunk that stays in
-# the CPU caches between passes is routed ~2x faster than one that streams from memory
-# (benchmarks/RESULTS.md). Chunks hold whole examples, so a capsule convolution's E-step,
-# which couples all positions of an example, is unchanged. Does not change any result.
-EM_CHUNK_BYTES = 2 << 20
+# Rows of the parent-major votes (G, O, I, D) are routed in chunks of whole examples, of
+# about ``chunking.chunk_bytes(device)`` bytes of votes (a share of the CPU's cache; on a
+# GPU a share of its memory): see :mod:`.chunking`. A capsule convolution's E-step couples
+# the positions of one example only, so chunks of whole examples change no result.
+# ``EM_CHUNK_BYTES`` (None: the device's rule) is for tests and benchmarks that force a size.
+EM_CHUNK_BYTES: int | None = None
 
 
 def em_chunks(
     rows: int, row_bytes: int, config: EMConfig, device: torch.device
 ) -> list[tuple[slice, EMConfig]]:
-    """Split ``rows`` rows of parent-major votes into cache-sized chunks of whole examples.
+    """Split ``rows`` rows of parent-major votes into chunks of whole examples.
 
     ``row_bytes``: bytes of votes per row. Returns ``(row slice, config for the chunk)``.
     """
@@ -406,10 +407,8 @@ def em_chunks(
     examples = rows // rows_per_example
     if examples == 0:  # an empty batch: one empty chunk
         return [(slice(0, rows), config)]
-    if device.type != "cpu":  # GPUs stream the whole tensor at once just fine
-        per_chunk = examples
-    else:
-        per_chunk = max(1, min(examples, EM_CHUNK_BYTES // max(1, row_bytes * rows_per_example)))
+    budget = EM_CHUNK_BYTES if EM_CHUNK_BYTES is not None else chunk_bytes(device)
+    per_chunk = max(1, min(examples, budget // max(1, row_bytes * rows_per_example)))
     chunks = []
     for start in range(0, examples, per_chunk):
         stop = min(examples, start + per_chunk)
