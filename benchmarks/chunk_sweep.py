@@ -29,8 +29,6 @@ from capsnet.functional._kernels import chunking
 from capsnet.functional._kernels import em as EM_KERNEL
 from capsnet.models import create
 
-NO_CHUNKS = 1 << 40
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     sizes = [int(float(x) * (1 << 20)) for x in args.sizes_mib.split(",") if x.strip()]
     if args.no_chunks:
-        sizes.append(NO_CHUNKS)
+        sizes.append(chunking.ONE_CHUNK)
     size, classes = (28, 10) if args.preset == "small" else (32, 5)
     torch.manual_seed(0)
     model = create(
@@ -97,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'chunk':>10}  {'median ms':>10}  {'quartiles ms':>17}")
     for s in sizes:
         q = statistics.quantiles(times[s], n=4) if len(times[s]) > 1 else [times[s][0]] * 3
-        name = "one chunk" if s == NO_CHUNKS else f"{s / (1 << 20):g} MiB"
+        name = "one chunk" if s == chunking.ONE_CHUNK else f"{s / (1 << 20):g} MiB"
         mark = "  <- this device's rule" if s == rule else ""
         print(f"{name:>10}  {1000 * q[1]:10.1f}  {1000 * q[0]:8.1f}-{1000 * q[2]:<8.1f}{mark}")
     best = min(sizes, key=lambda s: statistics.median(times[s]))
     print(
-        f"fastest: {'one chunk' if best == NO_CHUNKS else f'{best / (1 << 20):g} MiB'}; "
+        f"fastest: {'one chunk' if best == chunking.ONE_CHUNK else f'{best / (1 << 20):g} MiB'}; "
         f"the rule gives {rule / (1 << 20):g} MiB (override: {chunking.CHUNK_ENV}={best}); "
         f"load average after {os.getloadavg()[0]:.2f}"
     )
