@@ -358,6 +358,70 @@ def test_validation_split_by_default_fixed_across_seeds_and_used_for_best(tmp_pa
     assert result.best["selected_on"] == "val" and "test_accuracy" in result.best
 
 
+def _norb_like(instances_per_class=3, views=4, classes=2):
+    """An ImageDataset with smallNORB's ``info`` extra: instance, elevation, azimuth, lighting."""
+    from capsnet.data.dataset import ImageDataset
+
+    rows = [
+        (c, inst, v)
+        for c in range(classes)
+        for inst in range(instances_per_class)
+        for v in range(views)
+    ]
+    labels = torch.tensor([r[0] for r in rows])
+    # instance ids as smallNORB's: reused across classes (class 0 and 1 both have instance 0)
+    info = torch.tensor([[r[1], 0, 2 * r[2], 0] for r in rows])
+    images = torch.arange(len(rows), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    names = [str(c) for c in range(classes)]
+    return ImageDataset(images.contiguous(), labels, classes=names, extras={"info": info})
+
+
+def test_validation_holds_out_whole_instances():
+    from capsnet.train import split_validation
+
+    ds = _norb_like()
+    cfg = RunConfig(val_split="instances", val_samples=None, val_seed=3)
+    train_ds, val_ds = split_validation(ds, cfg)
+    assert len(train_ds) + len(val_ds) == len(ds) == 24
+
+    def pairs(d):  # (class, instance) of every image
+        return {(int(y), int(i[0])) for y, i in zip(d.labels, d.info, strict=True)}
+
+    held = pairs(val_ds)
+    assert sorted(c for c, _ in held) == [0, 1]  # one instance of every class, all its views
+    assert len(val_ds) == 2 * 4 and not held & pairs(train_ds)  # no object on both sides
+    again = split_validation(ds, RunConfig(val_split="instances", val_seed=3, seed=7))[1]
+    assert torch.equal(again.images, val_ds.images)  # val_seed, not the training seed
+    others = {frozenset(pairs(split_validation(ds, RunConfig(val_split="instances",
+              val_seed=s))[1])) for s in range(12)}  # fmt: skip
+    assert len(others) > 1  # the held-out instances follow val_seed
+    capped = split_validation(ds, RunConfig(val_split="instances", val_samples=3, val_seed=3))
+    assert len(capped[1]) == 3 and pairs(capped[1]) <= held
+    assert len(capped[0]) == 16  # the rest of the held-out objects is not trained on either
+    # the old random-image split is unchanged
+    plain = split_validation(ds, RunConfig(val_samples=5, val_seed=0))
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain[1].images, ds.images[perm[:5].sort().values])
+
+
+def test_instance_validation_refuses_data_it_cannot_split():
+    from capsnet.data.dataset import ImageDataset
+    from capsnet.train import split_validation
+
+    images, labels = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    flat = ImageDataset(images, labels, classes=["a", "b"])
+    with pytest.raises(ValueError, match="instance id per image"):
+        split_validation(flat, RunConfig(val_split="instances"))
+    with pytest.raises(
+        ValueError, match="at least 2 instances of every class; class 0 \\(0\\) has 1"
+    ):
+        split_validation(_norb_like(instances_per_class=1), RunConfig(val_split="instances"))
+    with pytest.raises(ValueError, match="val_split must be one of"):
+        RunConfig(val_split="views")
+    with pytest.raises(ValueError, match="cannot go with val_samples 0"):
+        RunConfig(val_split="instances", val_samples=0)
+
+
 def test_snapshots_per_epoch_are_kept_and_load(tmp_path):
     import capsnet
     from capsnet.checkpoint import list_checkpoints

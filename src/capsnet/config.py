@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "exponential", "cosine"),
     "precision": ("fp32", "bf16"),
     "dist_backend": ("auto", "gloo", "nccl"),
+    "val_split": ("images", "instances"),
 }
 """Valid values of the string options (``device`` is checked by pattern)."""
 
@@ -101,6 +102,14 @@ class RunConfig:
         0,
         "seed of the validation subset, the same for every training seed (None: the "
         "training seed, as runs made before this option)",
+    )
+    val_split: str = _f(
+        "images",
+        "what the validation split holds out: 'images', a random subset of the training "
+        "images; 'instances', whole objects (one training instance per class, drawn with "
+        "val_seed; NORB-style data with an instance id per image), so that validation "
+        "error predicts the error on the test set's unseen instances (val_samples then "
+        "caps how many of their images are kept; None: all)",
     )
     eval_split: str = _f("test", "split evaluated after each epoch and at the end")
     augment: bool = _f(True, "the dataset's training augmentation (e.g. random shifts)")
@@ -319,6 +328,11 @@ def _check_values(cfg: RunConfig) -> None:
         )
     if cfg.margin_per_epoch < 0:
         raise ValueError(f"margin_per_epoch must be >= 0, got {cfg.margin_per_epoch}")
+    if cfg.val_split == "instances" and cfg.val_samples == 0:
+        raise ValueError(
+            "val_split 'instances' holds out whole objects as the validation split; it "
+            "cannot go with val_samples 0 (no validation split): leave val_samples unset"
+        )
     if cfg.val_samples and cfg.train_samples and cfg.val_samples >= cfg.train_samples:
         raise ValueError(
             f"val_samples ({cfg.val_samples}) must be smaller than train_samples "

@@ -118,6 +118,16 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
         metavar="KEY=VALUE",
         help="run-config value for both models (TOML value); repeatable",
     )
+    for who, name in (("capsule", "capsule model"), ("baseline", "CNN")):
+        p.add_argument(
+            f"--{who}-set",
+            type=key_value,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"run-config value for the {name} only, after --set (e.g. epochs=4 "
+            "or lr=3e-4); repeatable",
+        )
     p.add_argument(
         "--model-kwarg",
         type=key_value,
@@ -581,13 +591,13 @@ def _protocol_configs(args: argparse.Namespace, **names: str) -> dict[str, Any]:
     if args.device != "auto":
         common["device"] = args.device
     configs = {}
-    for label, (recipe, kwargs) in {
-        "capsules": (args.recipe, dict(args.model_kwarg)),
-        "cnn": (args.baseline_recipe, dict(args.baseline_model_kwarg)),
+    for label, (recipe, kwargs, own) in {
+        "capsules": (args.recipe, dict(args.model_kwarg), dict(args.capsule_set)),
+        "cnn": (args.baseline_recipe, dict(args.baseline_model_kwarg), dict(args.baseline_set)),
     }.items():
         recipe = recipe.format(**names)
         extra = {"model_kwargs": kwargs} if kwargs else {}
-        configs[label] = load_recipe(recipe, **common, **extra)
+        configs[label] = load_recipe(recipe, **{**common, **own}, **extra)
     return configs
 
 
@@ -602,7 +612,7 @@ def _viewpoint(args: argparse.Namespace) -> int:
         out,
         mode=args.mode,
         dataset=args.dataset,
-        epochs=args.epochs,
+        epochs=None,  # each config carries its own (--epochs, --capsule-set, --baseline-set)
         seeds=range(args.seeds),
         snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,
@@ -623,7 +633,7 @@ def _affnist_protocol(args: argparse.Namespace) -> int:
         configs,
         out,
         affine=args.affine_dataset,
-        epochs=args.epochs,
+        epochs=None,  # each config carries its epochs
         seeds=range(args.seeds),
         snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,

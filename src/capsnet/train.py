@@ -74,6 +74,7 @@ __all__ = [
     "two_digit_loss",
     "RESUME_OVERRIDES",
     "split_validation",
+    "held_out_instances",
     "default_val_samples",
 ]
 
@@ -133,24 +134,61 @@ def default_val_samples(train_images: int) -> int:
 def split_validation(ds: Any, cfg: RunConfig) -> tuple[Any, Any]:
     """``(train subset, validation subset or None)`` of the training set ``ds`` for ``cfg``.
 
-    Fixed random subsets for ``val_samples`` (:func:`default_val_samples` when None) and
-    ``train_samples``, drawn with ``val_seed`` (the same validation images for every
-    training seed; the training seed itself when ``val_seed`` is None). What the trainer
+    ``cfg.val_split == "images"``: fixed random subsets for ``val_samples``
+    (:func:`default_val_samples` when None) and ``train_samples``, drawn with ``val_seed``
+    (the same validation images for every training seed; the training seed itself when
+    ``val_seed`` is None). ``"instances"``: :func:`held_out_instances`. What the trainer
     holds out, so experiments can evaluate a run on exactly its validation images.
     """
-    n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
-    if not n_val and not cfg.train_samples:
-        return ds, None
-    if n_val >= len(ds):
-        raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
     seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    val = perm[:n_val].sort().values
-    rest = perm[n_val:]
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.val_split == "instances":
+        held = held_out_instances(ds, gen)
+        val, rest = held.nonzero().view(-1), (~held).nonzero().view(-1)
+        if cfg.val_samples is not None and cfg.val_samples < len(val):
+            val = val[torch.randperm(len(val), generator=gen)[: cfg.val_samples]].sort().values
+        rest = rest[torch.randperm(len(rest), generator=gen)]
+    else:
+        n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
+        if not n_val and not cfg.train_samples:
+            return ds, None
+        if n_val >= len(ds):
+            raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
+        perm = torch.randperm(len(ds), generator=gen)
+        val, rest = perm[:n_val].sort().values, perm[n_val:]
     if cfg.train_samples:
         rest = rest[: cfg.train_samples]
-    val_ds = ds.subset(val) if n_val else None
+    val_ds = ds.subset(val) if len(val) else None
     return ds.subset(rest.sort().values), val_ds
+
+
+def held_out_instances(ds: Any, generator: torch.Generator) -> Tensor:
+    """``(N,)`` bool: the images of one object instance per class, drawn with ``generator``.
+
+    For NORB-style data, whose ``info[:, 0]`` is the instance of every image: validation
+    on *other views of the training objects* says little about the test set's unseen
+    objects (docs/results.md, the ToyNORB viewpoint run), so ``val_split = "instances"``
+    holds out whole objects. Needs at least two instances of every class.
+    """
+    info = getattr(ds, "info", None)
+    if not isinstance(info, Tensor) or info.dim() != 2:
+        raise ValueError(
+            "val_split 'instances' needs a dataset with an instance id per image (an info "
+            "extra, as smallnorb and toynorb have); use val_split 'images' for this dataset"
+        )
+    labels, instance = ds.labels, info[:, 0]
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        of_class = labels == c
+        ids = instance[of_class].unique()
+        if len(ids) < 2:
+            raise ValueError(
+                f"val_split 'instances' needs at least 2 instances of every class; class "
+                f"{c} ({ds.classes[c]}) has {len(ids)} in the training set"
+            )
+        pick = ids[torch.randint(len(ids), (1,), generator=generator)]
+        held |= of_class & (instance == pick)
+    return held
 
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:
@@ -459,7 +497,14 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         self._print(
             f"{cfg.model} ({params:,} parameters) on {cfg.dataset}: {len(self.train_ds)} train / "
-            f"{len(self.eval_ds)} {cfg.eval_split} images, {self.steps_per_epoch} steps of "
+            + (
+                f"{len(self.val_ds)} validation"
+                + (" (held-out instances)" if cfg.val_split == "instances" else "")
+                + " / "
+                if self.val_ds is not None
+                else ""
+            )
+            + f"{len(self.eval_ds)} {cfg.eval_split} images, {self.steps_per_epoch} steps of "
             f"{cfg.batch_size} per epoch, {self.loss_kind} loss, device {self.device}"
             + (f", {self.ctx.world_size} ranks" if self.ctx.is_distributed else "")
         )

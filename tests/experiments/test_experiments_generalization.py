@@ -103,6 +103,15 @@ def test_protocol_cli_builds_configs_from_recipes():
     assert caps.data_kwargs["viewpoint"] == cnn.data_kwargs["viewpoint"] == "elevation"
     assert caps.epochs == cnn.epochs == 3 and caps.batch_size == cnn.batch_size == 32
     assert caps.model_kwargs["preset"] == "small" and cnn.device == "cpu"
+    assert caps.val_split == cnn.val_split == "instances"  # the viewpoint recipes
+    args = parser.parse_args(
+        ["experiment", "viewpoint", "--epochs", "3", "--set", "lr=1e-3", "--capsule-set",
+         "epochs=8", "--baseline-set", "lr=3e-4", "--baseline-set", "batch_size=16"]
+    )  # fmt: skip
+    configs = experiment_cli._protocol_configs(args, mode=args.mode)
+    caps, cnn = configs["capsules"], configs["cnn"]
+    assert (caps.epochs, caps.lr, caps.batch_size) == (8, 1e-3, 64)  # per model after --set
+    assert (cnn.epochs, cnn.lr, cnn.batch_size) == (3, 3e-4, 16)
     args = parser.parse_args(["experiment", "affnist-protocol"])
     configs = experiment_cli._protocol_configs(args)
     assert configs["capsules"].dataset == configs["cnn"].dataset == "mnist_shifted40"
