@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+import types
 
 import pytest
 import torch
@@ -456,12 +458,19 @@ def test_training_records_name_code_machine_and_load(tmp_path):
     assert ev["environment"]["wall_seconds"] > 0 and ev["best"]["selected_on"] == "test"
 
 
-def test_max_minutes_ends_inside_an_epoch_and_resume_continues(data_root, tmp_path):
+def test_max_minutes_ends_inside_an_epoch_and_resume_continues(data_root, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train(tiny_config(data_root, full, epochs=2))
     short = tmp_path / "short"
-    # 6 ms of training: the first step (it takes longer) is the last one
+    # 6 ms of training: the first step is the last one. The trainer's clock gains 10 ms a
+    # reading, so that holds on any machine (a fast CPU did the real first step in < 6 ms).
+    import capsnet.train as train_module
+
+    readings = iter(range(10**9))
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + 0.01 * next(readings))
+    monkeypatch.setattr(train_module, "time", clock)
     train(tiny_config(data_root, short, epochs=2, max_minutes=1e-4))
+    monkeypatch.undo()
     rows = _read_metrics(short)
     (limit,) = [r for r in rows if r["kind"] == "time_limit"]
     assert limit["step"] == 1 and limit["max_minutes"] == 1e-4
