@@ -322,6 +322,45 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     )
     _protocol_flags(q, "capsnet_affnist", "sabour_cnn_affnist")
     q.set_defaults(handler=_affnist_protocol)
+    q = sub.add_parser(
+        "seeds",
+        help="test error over training seeds with 95 % intervals; paired against a baseline",
+        description="Score each run (one per training seed) on the same test images and "
+        "report each model's pooled error with a bootstrap interval over images and seeds; "
+        "against each --baseline model (the same number of runs), the paired difference, "
+        "McNemar's test and the relative reduction of errors. Example: capsnet experiment "
+        "seeds runs/caps-0 runs/caps-1 runs/caps-2 --baseline runs/cnn-0 runs/cnn-1 runs/cnn-2",
+    )
+    q.add_argument(
+        "runs", metavar="RUN_DIR", nargs="+", help="the first model's runs, one per seed"
+    )
+    q.add_argument(
+        "--baseline",
+        metavar="RUN_DIR",
+        nargs="+",
+        action="append",
+        default=[],
+        help="another model's runs, one per seed; repeat the flag for more models",
+    )
+    q.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of each run (best: the run's selection, on validation data by default)",
+    )
+    q.add_argument("--dataset", help="test on another dataset (default: the runs')")
+    q.add_argument("--split", default="test", help="dataset split (default: test)")
+    q.add_argument("--data-root", help="data folder (default: the first run's)")
+    q.add_argument("--download", action="store_true", help="download missing data")
+    q.add_argument(
+        "--max-examples", type=int, default=0, help="a seeded random subset of test images (0: all)"
+    )
+    add_output_dir(q, "output folder (default: FIRST_RUN_DIR/experiments/seeds)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    q.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _threads_flag(q)
+    q.set_defaults(handler=_seeds)
     q = sub.add_parser("all", help="every experiment that applies to the model")
     _common(q, baseline=True)
     q.add_argument("--max-examples", type=int, default=1000, help="test examples (0: all)")
@@ -641,6 +680,75 @@ def _affnist_protocol(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
+    return _done(record, out)
+
+
+def _run_description(run: Run) -> dict[str, Any]:
+    """What a run contributes to ``experiment seeds``: folder, seed, checkpoint and what
+    the checkpoint was selected on (``val``, ``test``, or ``last`` / a file's name)."""
+    from capsnet.runs import read_run_json
+
+    sidecar = read_run_json(run.weights.parent, run.weights.with_suffix(".json").name)
+    if run.weights.stem == "best":
+        selected_on = (sidecar.get("best") or {}).get("selected_on", "unknown")
+    else:
+        selected_on = run.weights.stem  # "last", or a snapshot / step file
+    return {
+        "run": str(run.run_dir),
+        "checkpoint": run.weights.name,
+        "seed": run.config.get("seed"),
+        "epoch": run.epoch,
+        "step": run.step,
+        "selected_on": selected_on,
+    }
+
+
+@_guard
+def _seeds(args: argparse.Namespace) -> int:
+    from capsnet import experiments
+    from capsnet.devices import resolve_device
+
+    device = str(resolve_device(args.device))
+    paths = [list(args.runs), *[list(group) for group in args.baseline]]
+    groups = [[load_run(p, which=args.which, device=device) for p in group] for group in paths]
+    first = groups[0][0]
+    for group in groups:
+        for r in group:
+            if args.dataset is None and r.config.get("dataset") != first.config.get("dataset"):
+                raise ValueError(
+                    f"{r.run_dir} was trained on {r.config.get('dataset')!r}, {first.run_dir} on "
+                    f"{first.config.get('dataset')!r}; give --dataset to test all on one dataset"
+                )
+        names = {r.name for r in group}
+        if len(names) > 1:
+            raise ValueError(
+                f"the runs of one model must be one model (seeds of it), got {sorted(names)} "
+                f"in {[str(r.run_dir) for r in group]}; give each model its own --baseline"
+            )
+    labels = [group[0].name for group in groups]
+    for i, group in enumerate(groups):
+        if labels.count(group[0].name) > 1:
+            labels[i] = f"{group[0].name} ({group[0].run_dir.name})"
+    dataset = first.dataset(
+        args.split, dataset=args.dataset, data_root=args.data_root, download=args.download
+    )
+    out = Path(args.output_dir or first.run_dir / "experiments" / "seeds")
+    record = experiments.seed_comparison(
+        {label: [r.model for r in group] for label, group in zip(labels, groups, strict=True)},
+        dataset,
+        out,
+        runs={
+            label: [_run_description(r) for r in group]
+            for label, group in zip(labels, groups, strict=True)
+        },
+        model_names={label: group[0].name for label, group in zip(labels, groups, strict=True)},
+        max_examples=_limit(args.max_examples),
+        batch_size=args.batch_size,
+        device=device,
+        progress=_progress(args),
+    )
+    for note in record["notes"][1:]:
+        print(f"note: {note}")
     return _done(record, out)
 
 

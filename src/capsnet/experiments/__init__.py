@@ -17,6 +17,8 @@ routing_experiment     routing finds agreement: per-iteration couplings, vote-di
                        histograms ([H18] Fig. 2), dead capsules (routing.py)
 equivariance_...       f(Tx) ≈ M_T f(x): a linear-map residual for known transforms T
                        (equivariance.py)
+seed_comparison        test error over training seeds with intervals, paired against a
+                       baseline's seeds (seeds.py)
 =====================  ===============================================================
 
 Every function takes already-built models (``{label: nn.Module}``) and datasets that follow
@@ -50,6 +52,7 @@ from capsnet.experiments.generalization import generalization_protocol, matched_
 from capsnet.experiments.reconstruction import reconstruction_experiment
 from capsnet.experiments.records import make_record, write_json
 from capsnet.experiments.routing import routing_experiment
+from capsnet.experiments.seeds import seed_comparison
 from capsnet.experiments.sweeps import transform_sweep
 from capsnet.experiments.viewpoint import PAPER_VIEWPOINTS as PAPER_VIEWPOINTS
 from capsnet.experiments.viewpoint import viewpoint_experiment
@@ -69,6 +72,7 @@ __all__ = [
     "transform_sweep",
     "reconstruction_experiment",
     "routing_experiment",
+    "seed_comparison",
     "equivariance_experiment",
     "affine_test_set",
     "affnist_experiment",
