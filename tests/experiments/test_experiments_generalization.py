@@ -140,3 +140,26 @@ def test_protocol_reads_the_novel_set_with_the_configs_download_flag(monkeypatch
             novel=("mnist", "train", {}), experiment="demo", title="Demo",
         )  # fmt: skip
     assert seen == {"name": "mnist", "split": "train", "download": True}
+
+
+def test_per_instance_errors_count_each_object_of_the_evaluated_images():
+    import numpy as np
+    import torch
+
+    from capsnet.experiments.generalization import has_instances, per_instance_errors
+
+    class Norb:
+        # 2 classes x 2 instances x 3 views; info[:, 0] is the instance
+        labels = torch.tensor([0] * 6 + [1] * 6)
+        info = torch.tensor([[i, 0, v, 0] for _ in range(2) for i in (4, 7) for v in range(3)])
+        classes = ["car", "truck"]
+
+    indices = np.array([0, 1, 3, 4, 5, 6, 9, 10])  # a subset, as with max_examples
+    correct = np.array([True, False, False, False, True, True, True, False])
+    errors = per_instance_errors(correct, Norb(), indices)
+    # car/4: images 0, 1 -> 1 of 2 wrong; car/7: 3, 4, 5 -> 2 of 3; truck/4: 6 -> 0 of 1;
+    # truck/7: 9, 10 -> 1 of 2
+    assert errors == pytest.approx(
+        {"car/4": 50.0, "car/7": 100 * 2 / 3, "truck/4": 0.0, "truck/7": 50.0}
+    )
+    assert has_instances(Norb()) and not has_instances(object())

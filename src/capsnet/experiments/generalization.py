@@ -28,7 +28,7 @@ from capsnet import plots
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import evaluate_accuracy, evaluate_correct
 from capsnet.experiments.records import finish_record, make_record, write_json
-from capsnet.stats import bootstrap_error, paired_comparison, relative_reduction
+from capsnet.stats import bootstrap_error, paired_comparison, relative_reduction, seeded_subset
 
 __all__ = ["matched_checkpoints", "generalization_protocol"]
 
@@ -192,11 +192,13 @@ def generalization_protocol(
 
     # Rules 1-2: train, score every snapshot on validation data.
     curves: dict[str, dict[int, dict[str, list[Any]]]] = {}
+    val_sets: dict[str, Any] = {}
     for label, config in configs.items():
         total = epochs if epochs is not None else config.epochs
         cfg0 = dataclasses.replace(config, snapshots_per_epoch=snapshots_per_epoch)
         kw = {"root": cfg0.data_root, "download": cfg0.download, **cfg0.data_kwargs}
         val_set = split_validation(data.create(cfg0.dataset, split="train", **kw), cfg0)[1]
+        val_sets[label] = val_set
         curves[label] = {}
         for seed in seeds:
             run_dir = out_dir / "runs" / label / f"seed-{seed}"
@@ -253,6 +255,17 @@ def generalization_protocol(
                 ok = evaluate_correct(model, ds, max_examples=max_examples, **evaluate).numpy()
                 correct[label][which].append(ok)
                 row[f"{which}_error"] = float(1.0 - ok.mean())
+                if has_instances(ds):
+                    row.setdefault("per_instance", {})[which] = per_instance_errors(
+                        ok, ds, seeded_subset(len(ds.labels), max_examples)
+                    )
+            if has_instances(familiar_set) and has_instances(val_sets[label]):
+                # what validation sees, object by object (one instance per class with
+                # val_split "instances"): is it typical of the test set's objects?
+                ok = evaluate_correct(model, val_sets[label], **evaluate).numpy()
+                row["per_instance"]["val"] = per_instance_errors(
+                    ok, val_sets[label], np.arange(len(ok))
+                )
             per_seed[label].append(row)
     per_image: dict[str, Any] = {
         f"{label}__{which}": np.stack(arrays)
@@ -402,6 +415,26 @@ def generalization_protocol(
         ],
     )
     return finish_record(out_dir, record)
+
+
+def has_instances(dataset: Any) -> bool:
+    """NORB-style data: ``info[:, 0]`` is the object instance of every image."""
+    info = getattr(dataset, "info", None)
+    return isinstance(info, torch.Tensor) and info.dim() == 2
+
+
+def per_instance_errors(correct: np.ndarray, dataset: Any, indices: np.ndarray) -> dict[str, float]:
+    """Error in % of each object, ``{"<class>/<instance>": error}``, from per-image
+    correctness ``(N,)`` of the images ``dataset[indices]``."""
+    labels = np.asarray(dataset.labels)[indices]
+    instances = dataset.info[:, 0].numpy()[indices]
+    names = list(getattr(dataset, "classes", None) or range(int(labels.max()) + 1))
+    out = {}
+    for c in np.unique(labels):
+        for i in np.unique(instances[labels == c]):
+            mask = (labels == c) & (instances == i)
+            out[f"{names[int(c)]}/{int(i)}"] = float(100.0 * (1.0 - correct[mask].mean()))
+    return out
 
 
 def first_label(configs: Mapping[str, Any]) -> str:
