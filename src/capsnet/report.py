@@ -102,6 +102,7 @@ def collect_records(run_dir: str | os.PathLike) -> list[tuple[Path, dict[str, An
 
 # Sections in the order of docs/experiments.md; other experiments follow, oldest first.
 _ORDER = (
+    "seeds",
     "attack",
     "rotation_sweep",
     "translation_sweep",
@@ -119,6 +120,11 @@ _ORDER = (
 # pattern that matches wins. Figures of one series (``name_0.png``, ``name_1.png``, ...)
 # share one caption.
 _CAPTIONS: tuple[tuple[str, str], ...] = (
+    (
+        r"seeds\.png",
+        "Test error of each model pooled over its training seeds, with the 95 % bootstrap "
+        "interval over test images and seeds.",
+    ),
     (
         r"attack\.png",
         "Accuracy on FGSM and BIM adversarial test images (untargeted panels) and the "

@@ -149,6 +149,10 @@ def test_the_command_on_tiny_runs(tmp_path, capsys):
         "checkpoint"
     ] == "best.safetensors"
     assert rec["results"]["test_images"] == 24 and rec["environment"]["commit"]
+    from capsnet.report import build_report
+
+    page = build_report(out).read_text()
+    assert "pooled over its training seeds" in page and "seeds.png" in page
     # one model's runs must be one model
     assert cli([str(caps[0]), str(cnn[0]), "--device", "cpu", "--no-progress"]) == 1
     assert "the runs of one model must be one model" in capsys.readouterr().err
