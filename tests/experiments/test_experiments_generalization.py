@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from capsnet import experiments
 
@@ -163,3 +164,53 @@ def test_per_instance_errors_count_each_object_of_the_evaluated_images():
         {"car/4": 50.0, "car/7": 100 * 2 / 3, "truck/4": 0.0, "truck/7": 50.0}
     )
     assert has_instances(Norb()) and not has_instances(object())
+
+
+def _fingerprint(ds):
+    """The images of a dataset, one number each (which images, in which order)."""
+    return ds.images.flatten(1).double().mul(torch.arange(ds.images[0].numel())).sum(1).tolist()
+
+
+def test_each_seed_is_matched_on_its_own_validation_images(tiny_runs, tmp_path, monkeypatch):
+    """With val_seed None every training seed holds out other images; the protocol must
+    score each run's snapshots on that run's validation split, not seed 0's."""
+    import dataclasses
+
+    import capsnet.checkpoint as C
+    import capsnet.experiments.generalization as G
+    from capsnet import data
+    from capsnet.train import split_validation
+    from training_helpers import TINY_MODEL, tiny_config
+
+    root, _, _ = tiny_runs
+    cfg = tiny_config(root, None, model_kwargs=dict(TINY_MODEL), val_samples=5, val_seed=None)
+    scored = {}
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(G, "_train_run", lambda config, run_dir, epochs, state: None)
+    monkeypatch.setattr(G, "_snapshots", lambda run_dir: [(1, run_dir / "snapshot-1.safetensors")])
+    monkeypatch.setattr(G, "_steps_per_epoch", lambda run_dir: 1)
+    monkeypatch.setattr(C, "load", lambda path, device=None: str(path))
+    monkeypatch.setattr(
+        G, "evaluate_accuracy",
+        lambda model, ds, **kw: scored.setdefault(model, _fingerprint(ds)) and 0.5,
+    )  # fmt: skip
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(G, "matched_checkpoints", stop)
+    with pytest.raises(Stop):
+        G.generalization_protocol(
+            {"capsules": cfg}, tmp_path, familiar=("mnist", "test", {"verify": False}),
+            novel=("mnist", "test", {"verify": False}), experiment="x", title="x",
+            seeds=(0, 1, 2), device="cpu",
+        )  # fmt: skip
+    train_set = data.create("mnist", split="train", root=root, verify=False)
+    for seed in (0, 1, 2):
+        path = str(tmp_path / "runs" / "capsules" / f"seed-{seed}" / "snapshot-1.safetensors")
+        own = split_validation(train_set, dataclasses.replace(cfg, seed=seed))[1]
+        assert scored[path] == _fingerprint(own)
+    assert len({tuple(v) for v in scored.values()}) > 1  # the seeds' splits differ

@@ -192,15 +192,17 @@ def generalization_protocol(
 
     # Rules 1-2: train, score every snapshot on validation data.
     curves: dict[str, dict[int, dict[str, list[Any]]]] = {}
-    val_sets: dict[str, Any] = {}
+    val_sets: dict[tuple[str, int], Any] = {}
     for label, config in configs.items():
         total = epochs if epochs is not None else config.epochs
         cfg0 = dataclasses.replace(config, snapshots_per_epoch=snapshots_per_epoch)
         kw = {"root": cfg0.data_root, "download": cfg0.download, **cfg0.data_kwargs}
-        val_set = split_validation(data.create(cfg0.dataset, split="train", **kw), cfg0)[1]
-        val_sets[label] = val_set
+        train_set = data.create(cfg0.dataset, split="train", **kw)
         curves[label] = {}
         for seed in seeds:
+            # the run's own validation images: with val_seed None they follow the seed
+            val_set = split_validation(train_set, dataclasses.replace(cfg0, seed=seed))[1]
+            val_sets[(label, seed)] = val_set
             run_dir = out_dir / "runs" / label / f"seed-{seed}"
             state_file = run_dir / "protocol.json"
             state: dict[str, Any] = {"val_error": {}}
@@ -259,13 +261,12 @@ def generalization_protocol(
                     row.setdefault("per_instance", {})[which] = per_instance_errors(
                         ok, ds, seeded_subset(len(ds.labels), max_examples)
                     )
-            if has_instances(familiar_set) and has_instances(val_sets[label]):
+            val_set = val_sets[(label, seed)]
+            if has_instances(familiar_set) and has_instances(val_set):
                 # what validation sees, object by object (one instance per class with
                 # val_split "instances"): is it typical of the test set's objects?
-                ok = evaluate_correct(model, val_sets[label], **evaluate).numpy()
-                row["per_instance"]["val"] = per_instance_errors(
-                    ok, val_sets[label], np.arange(len(ok))
-                )
+                ok = evaluate_correct(model, val_set, **evaluate).numpy()
+                row["per_instance"]["val"] = per_instance_errors(ok, val_set, np.arange(len(ok)))
             per_seed[label].append(row)
     per_image: dict[str, Any] = {
         f"{label}__{which}": np.stack(arrays)
