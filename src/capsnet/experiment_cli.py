@@ -158,6 +158,19 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
         help="weight snapshots per epoch the matching chooses from (4: quarter epochs)",
     )
     p.add_argument(
+        "--smooth",
+        type=int,
+        metavar="N",
+        help="match on running means of the validation curves over N snapshots (odd; 1: the "
+        "raw curves; default: 3 for viewpoint, 1 for affnist-protocol)",
+    )
+    p.add_argument(
+        "--val-per-seed",
+        action=argparse.BooleanOptionalAction,
+        help="each training seed holds out its own validation data (default: yes for "
+        "viewpoint, whose validation is one object per class; no for affnist-protocol)",
+    )
+    p.add_argument(
         "--max-examples",
         type=int,
         default=0,
@@ -640,6 +653,12 @@ def _protocol_configs(args: argparse.Namespace, **names: str) -> dict[str, Any]:
     return configs
 
 
+def _rule_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The matching-rule flags given on the command line (the experiment's defaults else)."""
+    flags = {"smooth": args.smooth, "val_per_seed": args.val_per_seed}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 @_guard
 def _viewpoint(args: argparse.Namespace) -> int:
     from capsnet import experiments
@@ -655,6 +674,7 @@ def _viewpoint(args: argparse.Namespace) -> int:
         seeds=range(args.seeds),
         snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,
+        **_rule_flags(args),
         max_examples=_limit(args.max_examples),
         batch_size=args.batch_size,
         device=args.device,
@@ -676,6 +696,7 @@ def _affnist_protocol(args: argparse.Namespace) -> int:
         seeds=range(args.seeds),
         snapshots_per_epoch=args.snapshots_per_epoch,
         target_error=args.target_error,
+        **_rule_flags(args),
         max_examples=_limit(args.max_examples),
         batch_size=args.batch_size,
         device=args.device,

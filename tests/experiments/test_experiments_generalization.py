@@ -20,6 +20,30 @@ def test_matched_checkpoints():
         experiments.matched_checkpoints({"a": []})
 
 
+def test_smoothed_is_a_centred_running_mean_that_shrinks_at_the_ends():
+    from capsnet.experiments.generalization import smoothed
+
+    assert smoothed([0.4, 0.1, 0.4, 0.25], 1) == [0.4, 0.1, 0.4, 0.25]
+    # (0.4 + 0.1) / 2, (0.4 + 0.1 + 0.4) / 3, (0.1 + 0.4 + 0.25) / 3, (0.4 + 0.25) / 2
+    assert smoothed([0.4, 0.1, 0.4, 0.25], 3) == pytest.approx([0.25, 0.3, 0.25, 0.325])
+    assert smoothed([0.2, 0.6], 5) == pytest.approx([0.4, 0.4])
+    for bad in (0, 2, -1):
+        with pytest.raises(ValueError, match="odd number"):
+            smoothed([0.1], bad)
+
+
+def test_matched_checkpoints_on_running_means_ignores_a_lucky_snapshot():
+    curves = {"caps": [0.5, 0.4, 0.1, 0.4, 0.25, 0.25, 0.25], "cnn": [0.5, 0.35, 0.2, 0.05]}
+    # raw: the level is caps' lucky 0.1 (snapshot 2); the cnn's closest is 0.05 (snapshot 3)
+    level, chosen = experiments.matched_checkpoints(curves)
+    assert level == 0.1 and chosen == {"caps": 2, "cnn": 3}
+    # running means over 3: caps 0.45, 0.333, 0.3, 0.25, 0.3, 0.25, 0.25 (best 0.25, first
+    # at snapshot 3); cnn 0.425, 0.35, 0.2, 0.125 (best 0.125); level max(0.25, 0.125);
+    # the cnn's closest mean to 0.25 is 0.2 (snapshot 2)
+    level, chosen = experiments.matched_checkpoints(curves, smooth=3)
+    assert level == pytest.approx(0.25) and chosen == {"caps": 3, "cnn": 2}
+
+
 def test_generalization_protocol_matches_on_validation_and_resumes(
     tiny_runs, tmp_path, monkeypatch
 ):
@@ -171,9 +195,12 @@ def _fingerprint(ds):
     return ds.images.flatten(1).double().mul(torch.arange(ds.images[0].numel())).sum(1).tolist()
 
 
-def test_each_seed_is_matched_on_its_own_validation_images(tiny_runs, tmp_path, monkeypatch):
-    """With val_seed None every training seed holds out other images; the protocol must
-    score each run's snapshots on that run's validation split, not seed 0's."""
+@pytest.mark.parametrize("val_seed, val_per_seed", [(None, False), (0, True)])
+def test_each_seed_is_matched_on_its_own_validation_images(
+    tiny_runs, tmp_path, monkeypatch, val_seed, val_per_seed
+):
+    """With val_seed None (or val_per_seed) every training seed holds out other images; the
+    protocol must score each run's snapshots on that run's validation split, not seed 0's."""
     import dataclasses
 
     import capsnet.checkpoint as C
@@ -183,7 +210,7 @@ def test_each_seed_is_matched_on_its_own_validation_images(tiny_runs, tmp_path, 
     from training_helpers import TINY_MODEL, tiny_config
 
     root, _, _ = tiny_runs
-    cfg = tiny_config(root, None, model_kwargs=dict(TINY_MODEL), val_samples=5, val_seed=None)
+    cfg = tiny_config(root, None, model_kwargs=dict(TINY_MODEL), val_samples=5, val_seed=val_seed)
     scored = {}
 
     class Stop(Exception):
@@ -206,11 +233,40 @@ def test_each_seed_is_matched_on_its_own_validation_images(tiny_runs, tmp_path, 
         G.generalization_protocol(
             {"capsules": cfg}, tmp_path, familiar=("mnist", "test", {"verify": False}),
             novel=("mnist", "test", {"verify": False}), experiment="x", title="x",
-            seeds=(0, 1, 2), device="cpu",
+            seeds=(0, 1, 2), device="cpu", val_per_seed=val_per_seed,
         )  # fmt: skip
     train_set = data.create("mnist", split="train", root=root, verify=False)
     for seed in (0, 1, 2):
         path = str(tmp_path / "runs" / "capsules" / f"seed-{seed}" / "snapshot-1.safetensors")
-        own = split_validation(train_set, dataclasses.replace(cfg, seed=seed))[1]
+        own_cfg = dataclasses.replace(cfg, seed=seed, val_seed=None)
+        own = split_validation(train_set, own_cfg)[1]
         assert scored[path] == _fingerprint(own)
     assert len({tuple(v) for v in scored.values()}) > 1  # the seeds' splits differ
+
+
+def test_viewpoint_matches_on_running_means_with_validation_objects_per_seed(monkeypatch):
+    """The viewpoint experiment's rule (3-snapshot means, validation drawn per seed), what
+    the CLI flags change, and an even window refused before any training."""
+    import argparse
+
+    import capsnet.experiments.viewpoint as V
+    from capsnet import experiment_cli
+    from capsnet.config import RunConfig
+
+    seen = {}
+    monkeypatch.setattr(V, "generalization_protocol", lambda configs, out, **kw: seen.update(kw))
+    V.viewpoint_experiment({"cnn": RunConfig(model="hinton_cnn")}, "unused", dataset="toynorb")
+    assert (seen["smooth"], seen["val_per_seed"]) == (3, True)
+    parser = argparse.ArgumentParser(prog="capsnet")
+    experiment_cli.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["experiment", "viewpoint"])
+    assert experiment_cli._rule_flags(args) == {}  # the experiment's own defaults
+    args = parser.parse_args(["experiment", "viewpoint", "--smooth", "1", "--no-val-per-seed"])
+    assert experiment_cli._rule_flags(args) == {"smooth": 1, "val_per_seed": False}
+    args = parser.parse_args(["experiment", "affnist-protocol", "--val-per-seed"])
+    assert experiment_cli._rule_flags(args) == {"val_per_seed": True}
+    with pytest.raises(ValueError, match="odd number"):
+        experiments.generalization_protocol(
+            {"cnn": RunConfig(model="hinton_cnn")}, "unused", familiar=("mnist", "test", {}),
+            novel=("mnist", "test", {}), experiment="x", title="x", smooth=2,
+        )  # fmt: skip
