@@ -415,13 +415,46 @@ def test_instance_validation_refuses_data_it_cannot_split():
     with pytest.raises(ValueError, match="instance id per image"):
         split_validation(flat, RunConfig(val_split="instances"))
     with pytest.raises(
-        ValueError, match="at least 2 instances of every class; class 0 \\(0\\) has 1"
+        ValueError, match="needs at least 2 instances of every class; class 0 \\(0\\) has 1"
     ):
         split_validation(_norb_like(instances_per_class=1), RunConfig(val_split="instances"))
     with pytest.raises(ValueError, match="val_split must be one of"):
         RunConfig(val_split="views")
     with pytest.raises(ValueError, match="cannot go with val_samples 0"):
         RunConfig(val_split="instances", val_samples=0)
+
+
+def test_validation_can_hold_out_several_instances_per_class():
+    from capsnet.train import split_validation
+
+    ds = _norb_like(instances_per_class=4)
+
+    def pairs(d):  # (class, instance) of every image
+        return {(int(y), int(i[0])) for y, i in zip(d.labels, d.info, strict=True)}
+
+    one = split_validation(ds, RunConfig(val_split="instances", val_seed=5))[1]
+    same = split_validation(ds, RunConfig(val_split="instances", val_seed=5, val_instances=1))[1]
+    assert torch.equal(one.images, same.images)  # 1 is the default and draws as before
+    gen = torch.Generator().manual_seed(5)  # the pre-val_instances draw, written out
+    before = set()
+    for c in range(2):
+        ids = torch.arange(4)  # instances 0..3 of every class, sorted as unique() gives them
+        before.add((c, int(ids[torch.randint(4, (1,), generator=gen)])))
+    assert pairs(one) == before
+    train_ds, val_ds = split_validation(
+        ds, RunConfig(val_split="instances", val_seed=5, val_instances=3)
+    )
+    held = pairs(val_ds)
+    for c in range(2):  # 3 whole objects of every class held out, 1 left to train on
+        assert len({i for k, i in held if k == c}) == 3
+        assert len({i for k, i in pairs(train_ds) if k == c}) == 1
+    assert len(val_ds) == 2 * 3 * 4 and not held & pairs(train_ds)
+    with pytest.raises(ValueError, match="val_instances 4 needs at least 5 instances"):
+        split_validation(ds, RunConfig(val_split="instances", val_instances=4))
+    with pytest.raises(ValueError, match="val_instances must be >= 1"):
+        RunConfig(val_split="instances", val_instances=0)
+    with pytest.raises(ValueError, match="counts the objects held out by val_split 'instances'"):
+        RunConfig(val_instances=2)
 
 
 def test_snapshots_per_epoch_are_kept_and_load(tmp_path):

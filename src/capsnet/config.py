@@ -111,6 +111,12 @@ class RunConfig:
         "error predicts the error on the test set's unseen instances (val_samples then "
         "caps how many of their images are kept; None: all)",
     )
+    val_instances: int = _f(
+        1,
+        "objects per class held out by val_split 'instances' (each class keeps at least "
+        "one for training); more objects make the validation error a steadier estimate "
+        "of the error on unseen objects, at the cost of training objects",
+    )
     eval_split: str = _f("test", "split evaluated after each epoch and at the end")
     augment: bool = _f(True, "the dataset's training augmentation (e.g. random shifts)")
     # ---------------------------------------------------------------- objective
@@ -296,6 +302,7 @@ def _check_values(cfg: RunConfig) -> None:
     positive = ["epochs", "batch_size", "eval_batch_size", "lr_decay_steps", "eval_every"]
     positive += ["log_every", "iterations", "train_samples", "num_threads"]
     positive += ["limit_train_batches", "limit_eval_batches", "keep_checkpoints"]
+    positive += ["val_instances"]
     for name in positive:
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -332,6 +339,11 @@ def _check_values(cfg: RunConfig) -> None:
         raise ValueError(
             "val_split 'instances' holds out whole objects as the validation split; it "
             "cannot go with val_samples 0 (no validation split): leave val_samples unset"
+        )
+    if cfg.val_instances != 1 and cfg.val_split != "instances":
+        raise ValueError(
+            f"val_instances ({cfg.val_instances}) counts the objects held out by val_split "
+            f"'instances'; val_split is {cfg.val_split!r}"
         )
     if cfg.val_samples and cfg.train_samples and cfg.val_samples >= cfg.train_samples:
         raise ValueError(

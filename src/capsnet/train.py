@@ -143,7 +143,7 @@ def split_validation(ds: Any, cfg: RunConfig) -> tuple[Any, Any]:
     seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
     gen = torch.Generator().manual_seed(seed)
     if cfg.val_split == "instances":
-        held = held_out_instances(ds, gen)
+        held = held_out_instances(ds, gen, per_class=cfg.val_instances)
         val, rest = held.nonzero().view(-1), (~held).nonzero().view(-1)
         if cfg.val_samples is not None and cfg.val_samples < len(val):
             val = val[torch.randperm(len(val), generator=gen)[: cfg.val_samples]].sort().values
@@ -162,13 +162,14 @@ def split_validation(ds: Any, cfg: RunConfig) -> tuple[Any, Any]:
     return ds.subset(rest.sort().values), val_ds
 
 
-def held_out_instances(ds: Any, generator: torch.Generator) -> Tensor:
-    """``(N,)`` bool: the images of one object instance per class, drawn with ``generator``.
+def held_out_instances(ds: Any, generator: torch.Generator, per_class: int = 1) -> Tensor:
+    """``(N,)`` bool: the images of ``per_class`` object instances of every class.
 
     For NORB-style data, whose ``info[:, 0]`` is the instance of every image: validation
     on *other views of the training objects* says little about the test set's unseen
     objects (docs/results.md, the ToyNORB viewpoint run), so ``val_split = "instances"``
-    holds out whole objects. Needs at least two instances of every class.
+    holds out whole objects, drawn with ``generator``. Every class must keep at least one
+    instance for training.
     """
     info = getattr(ds, "info", None)
     if not isinstance(info, Tensor) or info.dim() != 2:
@@ -181,13 +182,17 @@ def held_out_instances(ds: Any, generator: torch.Generator) -> Tensor:
     for c in labels.unique().tolist():
         of_class = labels == c
         ids = instance[of_class].unique()
-        if len(ids) < 2:
+        if len(ids) <= per_class:
             raise ValueError(
-                f"val_split 'instances' needs at least 2 instances of every class; class "
-                f"{c} ({ds.classes[c]}) has {len(ids)} in the training set"
+                f"val_split 'instances' with val_instances {per_class} needs at least "
+                f"{per_class + 1} instances of every class; class {c} ({ds.classes[c]}) has "
+                f"{len(ids)} in the training set"
             )
-        pick = ids[torch.randint(len(ids), (1,), generator=generator)]
-        held |= of_class & (instance == pick)
+        if per_class == 1:  # the draw of every run made before val_instances existed
+            picks = ids[torch.randint(len(ids), (1,), generator=generator)]
+        else:
+            picks = ids[torch.randperm(len(ids), generator=generator)[:per_class]]
+        held |= of_class & torch.isin(instance, picks)
     return held
 
 

@@ -302,7 +302,7 @@ def generalization_protocol(
                     )
             val_set = val_sets[(label, seed)]
             if has_instances(familiar_set) and has_instances(val_set):
-                # what validation sees, object by object (one instance per class with
+                # what validation sees, object by object (val_instances per class with
                 # val_split "instances"): is it typical of the test set's objects?
                 ok = evaluate_correct(model, val_set, **evaluate).numpy()
                 row["per_instance"]["val"] = per_instance_errors(ok, val_set, np.arange(len(ok)))
