@@ -336,7 +336,8 @@ def test_runlog_tensorboard_and_truncate(tmp_path, monkeypatch):
 
 def test_validation_split_by_default_fixed_across_seeds_and_used_for_best(tmp_path):
     from capsnet import distributed
-    from capsnet.train import Trainer, default_val_samples, train
+    from capsnet.train import Trainer, train
+    from capsnet.validation import default_val_samples
     from training_helpers import make_mnist, tiny_config
 
     root = make_mnist(tmp_path / "data", n_train=64, n_test=40)
@@ -379,7 +380,7 @@ def _norb_like(instances_per_class=3, views=4, classes=2):
 
 
 def test_validation_holds_out_whole_instances():
-    from capsnet.train import split_validation
+    from capsnet.validation import split_validation
 
     ds = _norb_like()
     cfg = RunConfig(val_split="instances", val_samples=None, val_seed=3)
@@ -408,7 +409,7 @@ def test_validation_holds_out_whole_instances():
 
 def test_instance_validation_refuses_data_it_cannot_split():
     from capsnet.data.dataset import ImageDataset
-    from capsnet.train import split_validation
+    from capsnet.validation import split_validation
 
     images, labels = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
     flat = ImageDataset(images, labels, classes=["a", "b"])
@@ -425,7 +426,7 @@ def test_instance_validation_refuses_data_it_cannot_split():
 
 
 def test_validation_can_hold_out_several_instances_per_class():
-    from capsnet.train import split_validation
+    from capsnet.validation import split_validation
 
     ds = _norb_like(instances_per_class=4)
 

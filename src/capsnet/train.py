@@ -61,9 +61,11 @@ from capsnet.runlock import RunLock
 from capsnet.runlog import RunLog, epoch_summary, final_report, progress_line, show_progress
 from capsnet.runtime import ThreadPolicy
 from capsnet.schedules import lr_factor, spread_margin
+from capsnet.validation import default_val_samples, held_out_instances, split_validation
 
-# compute_loss and two_digit_loss live in capsnet.objectives; re-exported here (the trainer
-# calls them through this module's names).
+# compute_loss and two_digit_loss live in capsnet.objectives, the validation splits in
+# capsnet.validation; re-exported here (the trainer calls them through this module's names,
+# and code written before capsnet.validation imports them from here).
 __all__ = [
     "train",
     "resume_config",
@@ -123,77 +125,6 @@ def correct_predictions(scores: Tensor, labels: Tensor, labels2: Tensor | None =
         return scores.argmax(-1) == labels
     top2 = scores.topk(2, dim=-1).indices
     return (top2 == labels[:, None]).any(-1) & (top2 == labels2[:, None]).any(-1)
-
-
-def default_val_samples(train_images: int) -> int:
-    """The validation split when ``val_samples`` is None: 10 % of the training images, at
-    most 5000 (at least 1 when there are 10 or more images)."""
-    return min(5000, train_images // 10)
-
-
-def split_validation(ds: Any, cfg: RunConfig) -> tuple[Any, Any]:
-    """``(train subset, validation subset or None)`` of the training set ``ds`` for ``cfg``.
-
-    ``cfg.val_split == "images"``: fixed random subsets for ``val_samples``
-    (:func:`default_val_samples` when None) and ``train_samples``, drawn with ``val_seed``
-    (the same validation images for every training seed; the training seed itself when
-    ``val_seed`` is None). ``"instances"``: :func:`held_out_instances`. What the trainer
-    holds out, so experiments can evaluate a run on exactly its validation images.
-    """
-    seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.val_split == "instances":
-        held = held_out_instances(ds, gen, per_class=cfg.val_instances)
-        val, rest = held.nonzero().view(-1), (~held).nonzero().view(-1)
-        if cfg.val_samples is not None and cfg.val_samples < len(val):
-            val = val[torch.randperm(len(val), generator=gen)[: cfg.val_samples]].sort().values
-        rest = rest[torch.randperm(len(rest), generator=gen)]
-    else:
-        n_val = default_val_samples(len(ds)) if cfg.val_samples is None else cfg.val_samples
-        if not n_val and not cfg.train_samples:
-            return ds, None
-        if n_val >= len(ds):
-            raise ValueError(f"val_samples {n_val} >= {len(ds)} training images")
-        perm = torch.randperm(len(ds), generator=gen)
-        val, rest = perm[:n_val].sort().values, perm[n_val:]
-    if cfg.train_samples:
-        rest = rest[: cfg.train_samples]
-    val_ds = ds.subset(val) if len(val) else None
-    return ds.subset(rest.sort().values), val_ds
-
-
-def held_out_instances(ds: Any, generator: torch.Generator, per_class: int = 1) -> Tensor:
-    """``(N,)`` bool: the images of ``per_class`` object instances of every class.
-
-    For NORB-style data, whose ``info[:, 0]`` is the instance of every image: validation
-    on *other views of the training objects* says little about the test set's unseen
-    objects (docs/results.md, the ToyNORB viewpoint run), so ``val_split = "instances"``
-    holds out whole objects, drawn with ``generator``. Every class must keep at least one
-    instance for training.
-    """
-    info = getattr(ds, "info", None)
-    if not isinstance(info, Tensor) or info.dim() != 2:
-        raise ValueError(
-            "val_split 'instances' needs a dataset with an instance id per image (an info "
-            "extra, as smallnorb and toynorb have); use val_split 'images' for this dataset"
-        )
-    labels, instance = ds.labels, info[:, 0]
-    held = torch.zeros(len(labels), dtype=torch.bool)
-    for c in labels.unique().tolist():
-        of_class = labels == c
-        ids = instance[of_class].unique()
-        if len(ids) <= per_class:
-            raise ValueError(
-                f"val_split 'instances' with val_instances {per_class} needs at least "
-                f"{per_class + 1} instances of every class; class {c} ({ds.classes[c]}) has "
-                f"{len(ids)} in the training set"
-            )
-        if per_class == 1:  # the draw of every run made before val_instances existed
-            picks = ids[torch.randint(len(ids), (1,), generator=generator)]
-        else:
-            picks = ids[torch.randperm(len(ids), generator=generator)[:per_class]]
-        held |= of_class & torch.isin(instance, picks)
-    return held
 
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> RunConfig:

@@ -206,7 +206,7 @@ def test_each_seed_is_matched_on_its_own_validation_images(
     import capsnet.checkpoint as C
     import capsnet.experiments.generalization as G
     from capsnet import data
-    from capsnet.train import split_validation
+    from capsnet.validation import split_validation
     from training_helpers import TINY_MODEL, tiny_config
 
     root, _, _ = tiny_runs

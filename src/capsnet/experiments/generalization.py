@@ -151,7 +151,7 @@ def generalization_protocol(
        ``<out_dir>/runs/<label>/seed-<s>``), keeping ``snapshots_per_epoch`` weight
        snapshots per epoch;
     2. every snapshot is scored on the run's **validation** split (familiar data held out
-       from training: :func:`capsnet.train.split_validation`), never on a test set;
+       from training: :func:`capsnet.validation.split_validation`), never on a test set;
     3. per seed, the level to match is ``target_error`` or the larger of the models' best
        validation errors (the best level every model reaches); each model is read at the
        snapshot whose validation error is closest to it (:func:`matched_checkpoints`),
@@ -193,7 +193,7 @@ def generalization_protocol(
     """
     from capsnet import data
     from capsnet.checkpoint import load
-    from capsnet.train import split_validation
+    from capsnet.validation import split_validation
 
     if not configs:
         raise ValueError("configs must hold at least one {label: RunConfig}")
