@@ -11,6 +11,13 @@ case, in a fresh worker process (torch's default thread count):
    started, a new policy decides under that load and settles (its warm-up and first
    check, untimed), then the same alternation is timed. The competitors are killed after;
    the CPU time they got is reported (a competitor that got no core measures nothing).
+3. **late**: what a long training run sees when the competitor arrives after the policy's
+   check: a policy settles idle (its first check, then ``jump_steps`` idle steps), the
+   competitors start, and ``late_steps`` consecutive steps run under the policy (threads
+   and time of each). Reported: steps run at the idle count before the policy moved, and
+   the mean step over those steps against the idle step. Without the policy's jump
+   detection (``jump=None``) every one of them would run at the idle count until the next
+   interval (200 steps), i.e. at the ``loaded`` default step.
 
 Ratios are loaded / idle, both at the default thread count's idle step (the user's
 reference point). The policy's decisions are kept in the results.
@@ -107,7 +114,7 @@ def _alternate(
     return times
 
 
-def _policy(default: int) -> tuple[ThreadPolicy, dict]:
+def _policy(default: int, **kwargs) -> tuple[ThreadPolicy, dict]:
     """A thread policy keeping its count in a cell (the steps alternate thread counts)."""
     cell = {"threads": default, "events": []}
 
@@ -115,9 +122,48 @@ def _policy(default: int) -> tuple[ThreadPolicy, dict]:
         cell["threads"] = n
 
     policy = ThreadPolicy(
-        None, probe_steps=2, warmup=1, set_threads=set_threads, get_threads=lambda: cell["threads"]
-    )
+        None, probe_steps=2, warmup=1, set_threads=set_threads,
+        get_threads=lambda: cell["threads"], **kwargs,
+    )  # fmt: skip
     return policy, cell
+
+
+def _run_policy(policy: ThreadPolicy, cell: dict, step, timeit, n: int) -> tuple[list, list]:
+    """``n`` consecutive steps under the policy, as in training: (threads, seconds) of each."""
+    threads, times = [], []
+    for _ in range(n):
+        torch.set_num_threads(cell["threads"])
+        threads.append(cell["threads"])
+        times.append(timeit(step))
+        event = policy.after_step(times[-1])
+        if event is not None:
+            cell["events"].append(event.record())
+    return threads, times
+
+
+def late_phase(
+    step: Callable[[], object], timeit, default: int, competitors: int, n: int, settle_s: float
+) -> dict:
+    """Phase 3 of the module docstring: a competitor that arrives after the policy's check."""
+    policy, cell = _policy(default)
+    cell["events"].append(policy.start().record())
+    _settle(policy, cell, step, timeit)
+    settled = cell["threads"]
+    _run_policy(policy, cell, step, timeit, policy.jump_steps)  # the hold's window, idle
+    with Competitors(competitors) as comp:
+        time.sleep(settle_s)
+        threads, times = _run_policy(policy, cell, step, timeit, n)
+    torch.set_num_threads(default)
+    moved = next((i for i, t in enumerate(threads) if t != settled), None)
+    return {
+        "settled_threads": settled,
+        "threads": threads,
+        "times_s": times,
+        "steps_before_move": moved,
+        "mean_s": statistics.fmean(times),
+        "policy_events": cell["events"],
+        "core_share": [c / comp.wall_s if comp.wall_s else None for c in comp.cpu_s],
+    }
 
 
 def _settle(policy: ThreadPolicy, cell: dict, step: Callable[[], object], timeit) -> int:
@@ -140,6 +186,7 @@ def run_case(
     competitors: int = 1,
     budget_s: float = 120.0,
     settle_s: float = 0.5,
+    late_steps: int | None = None,
 ) -> dict:
     """Idle and loaded step times of one case (see the module docstring)."""
     default = torch.get_num_threads()
@@ -200,6 +247,19 @@ def run_case(
         "core_share": [c / comp.wall_s if comp.wall_s else None for c in comp.cpu_s],
         "pids": comp.pids,
     }
+    # Phase 3: about 3 idle steps' worth of budget per late step (most run at the better
+    # count once the policy has moved), 10 to 40 steps.
+    if late_steps is None:
+        late_steps = max(10, min(40, int(budget_s / max(1e-9, 3 * first["capsnet"]))))
+    result["late"] = late_phase(
+        built["capsnet"], timeit, default, competitors, late_steps, settle_s
+    )
+    late = result["late"]
+    print(
+        f"[contention] {case['name']} late competitor: moved after {late['steps_before_move']}"
+        f" of {late_steps} steps, mean {_ms(late['mean_s'])}",
+        flush=True,
+    )
     return result
 
 
@@ -264,6 +324,30 @@ def table(results: list[dict]) -> list[str]:
             f"{_ms(idle.get('reference_default'))} | {_ms(loaded.get('reference_default'))} | "
             f"{_ratio(loaded.get('reference_default'), idle.get('reference_default'))} | "
             f"{shares} | {res['repeats']} |"
+        )
+    out += [
+        "",
+        "Competitor starting mid-run (`late`): the policy settled idle, then the competitor "
+        "started; `moved after`: steps run at the settled count before the policy changed it "
+        "(its jump detection, `capsnet.runtime.AdaptiveThreads`); `mean`: the mean of all "
+        "`steps` after the competitor started, against the idle step at the default count.",
+        "",
+        "| case | settled threads | moved after | steps | mean | ratio | target | competitor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        late = res.get("late")
+        if not late:
+            continue
+        base = res["idle"]["median_s"].get("capsnet_default")
+        target = target_for(res["case_spec"])
+        shares = ", ".join(f"{100 * s:.0f} %" for s in late["core_share"] if s is not None)
+        moved = late["steps_before_move"]
+        out.append(
+            f"| {res['case_spec']['name']} | {late['settled_threads']} | "
+            f"{'never' if moved is None else moved} | {len(late['times_s'])} | "
+            f"{_ms(late['mean_s'])} | {_ratio(late['mean_s'], base)} | "
+            f"{f'<= {target:g}x' if target else '-'} | {shares or 'n/a'} |"
         )
     out.append("")
     return out

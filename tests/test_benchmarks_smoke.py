@@ -65,7 +65,9 @@ def test_contention_case_with_a_short_competitor(one_thread):
     competitor (tiny model, one thread: plumbing, not speed)."""
     C, CT, run = _bench_modules()
     case = {**C.smoke_contention_cases()[1], "repeats": 1}
-    res = CT.run_case(case, timeit=run._timeit, competitors=1, budget_s=1.0, settle_s=0.05)
+    res = CT.run_case(
+        case, timeit=run._timeit, competitors=1, budget_s=1.0, settle_s=0.05, late_steps=3
+    )
     for phase in ("idle", "loaded"):
         med = res[phase]["median_s"]
         assert med["capsnet_default"] > 0 and med["capsnet_policy"] > 0
@@ -73,9 +75,13 @@ def test_contention_case_with_a_short_competitor(one_thread):
     (pid,) = res["competitors"]["pids"]
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
     assert res["competitors"]["cpu_s"][0] >= 0
+    late = res["late"]  # the competitor that arrives after the policy's check
+    assert len(late["threads"]) == len(late["times_s"]) == 3 and late["mean_s"] > 0
+    assert late["settled_threads"] == 1 and late["steps_before_move"] is None  # 1 core only
     res["case_spec"] = case
     text = "\n".join(CT.table([res, {"case": "broken", "error": "timeout", "case_spec": case}]))
     assert "smoke_contention_matrix" in text and "| broken | timeout |" in text
+    assert "| smoke_contention_matrix | 1 | never | 3 |" in text
 
 
 def test_competitor_exits_by_itself():

@@ -3,6 +3,8 @@ step times (nothing here is timed)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from capsnet import runtime as R
@@ -118,11 +120,61 @@ def test_adaptive_corrects_when_a_competitor_leaves():
     assert a.threads == 2
 
 
+IDLE = {1: 1.37, 2: 0.73}  # seconds per step, measured in the 2026-12-07 viewpoint run
+LOADED = {1: 1.66, 2: 3.7}  # the same run with the CI suite beside it
+
+
+def _settled(**kwargs) -> R.AdaptiveThreads:
+    """A policy at 2 threads after its first check on an idle machine."""
+    a = R.AdaptiveThreads(2, 2, interval=200, probe_steps=3, warmup=0, **kwargs)
+    _drive(a, lambda n, k: IDLE[n], 10)
+    assert a.threads == 2 and not a.checking and a.decisions == 1
+    return a
+
+
+def test_a_jump_in_step_time_starts_a_check_at_once():
+    a = _settled()
+    used = _drive(a, lambda n, k: LOADED[n], 30)  # a competitor starts after the check
+    # 3 slow steps move the median of the last 5, 3 more time 2 threads again (the probe
+    # of 1 thread decides), then 1 thread for good
+    assert used[:6] == [2] * 6 and set(used[6:]) == {1}
+    assert a.threads == 1 and a.decisions == 2
+    assert a.triggered.startswith("step time x5.07")
+    b = _settled(jump=None)  # without it: the bad count until the next interval
+    used = _drive(b, lambda n, k: LOADED[n], 30)
+    assert used == [2] * 30 and b.decisions == 1
+
+
+def test_a_drop_in_step_time_starts_a_check_too():
+    a = R.AdaptiveThreads(2, 2, interval=200, probe_steps=3, warmup=0)
+    heavy = {1: 3.0, 2: 9.0}  # 1 thread better while loaded
+    _drive(a, lambda n, k: heavy[n], 10)
+    assert a.threads == 1
+    used = _drive(a, lambda n, k: {1: 1.2, 2: 0.5}[n], 20)  # the load goes: 2.5x faster
+    assert a.triggered.startswith("step time x0.40") and a.threads == 2
+    assert used.count(1) == 3 + 3  # seen in 3 steps, timed in 3, then 2 threads
+
+
+def test_noise_and_lone_slow_steps_do_not_start_checks():
+    a = _settled()
+    rng = random.Random(0)
+    # +-15 % noise cannot move a median ratio past 1.15 / 0.85 = 1.35 < 1.5, and a step
+    # that also writes a snapshot (10x) is one of 5 in the median
+    _drive(a, lambda n, k: IDLE[n] * (10.0 if k % 50 == 7 else rng.uniform(0.85, 1.15)), 195)
+    assert a.decisions == 1 and a.threads == 2 and not a.checking
+    _drive(a, lambda n, k: IDLE[n], 1)  # hold step 200 (4 were in _settled): the interval's check
+    assert a.checking and a.triggered == "every 200 steps"
+
+
 def test_adaptive_checks_its_arguments():
     with pytest.raises(ValueError, match="threads must be in 1..ceiling=2"):
         R.AdaptiveThreads(3, 2)
     with pytest.raises(ValueError, match="interval"):
         R.AdaptiveThreads(1, 2, interval=0)
+    with pytest.raises(ValueError, match="jump must be > 1"):
+        R.AdaptiveThreads(1, 2, jump=1.0)
+    with pytest.raises(ValueError, match="jump_steps >= 1"):
+        R.AdaptiveThreads(1, 2, jump_steps=0)
 
 
 class _FakeTorch:
@@ -156,6 +208,23 @@ def test_thread_policy_applies_and_logs_its_decisions():
     assert "2 -> 1" in event.reason
     policy.restore()
     assert fake.threads == 2 and policy.after_step(1.0) is None
+
+
+def test_thread_policy_says_when_a_jump_started_the_check():
+    fake = _FakeTorch(2)
+    policy = R.ThreadPolicy(
+        env={}, interval=200, probe_steps=3, warmup=0, reader=lambda: _reading(2, 0.0),
+        set_threads=fake.set, get_threads=lambda: fake.threads,
+    )  # fmt: skip
+    policy.start()
+    events = [policy.after_step(IDLE[fake.threads]) for _ in range(10)]
+    events += [policy.after_step(LOADED[fake.threads]) for _ in range(20)]
+    first, second = [e for e in events if e is not None]
+    assert first.before == first.after == 2 and "kept" in first.reason
+    assert not first.reason.startswith("step time")
+    assert (second.before, second.after, second.step) == (2, 1, 10 + 3 + 3 + 3)
+    assert second.reason.startswith("step time x5.07 of the last check's; timed 3 steps")
+    assert "2 -> 1" in second.reason and fake.threads == 1
 
 
 def test_thread_policy_fixed_never_changes_threads():

@@ -14,8 +14,13 @@ nearly every region and a step can become many times slower (benchmarks/RESULTS.
 * **While running** (:class:`AdaptiveThreads`): every ``interval`` steps it times
   ``probe_steps`` steps at the current count and at one fewer (then one more) thread,
   and keeps a neighbour only when its median step is at least ``margin`` faster; it keeps
-  going in the direction that paid. A competitor that starts or stops later is corrected
-  within one interval.
+  going in the direction that paid. Between checks it watches the step time: when the
+  median of the last ``jump_steps`` steps moves by a factor ``jump`` (default 1.5, slower
+  or faster) from what the last check measured at the count in force, a check starts at
+  once. So a competitor that starts or stops after a check is corrected within a few steps,
+  not up to an interval later (measured: a CI suite starting beside a viewpoint run cost
+  about 200 steps at 2.2x the step time of the better count, docs/results.md); one that
+  changes the step time less than ``jump`` is corrected within one interval.
 
 :class:`ThreadPolicy` joins the two for a training loop: ``start()`` applies the start
 decision, ``after_step(seconds)`` feeds the adaptive part and applies its changes; each
@@ -34,6 +39,7 @@ import math
 import os
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,7 +218,9 @@ class AdaptiveThreads:
     neighbour (one fewer first, where possible); the neighbour is kept when its median is
     below ``(1 - margin)`` of the baseline's, and the search goes on in that direction;
     otherwise the other direction is tried once (when nothing moved yet). The first
-    ``warmup`` steps are ignored (allocation, caches).
+    ``warmup`` steps are ignored (allocation, caches). Between checks, a median of the last
+    ``jump_steps`` steps at least ``jump`` times the check's median at the kept count (or at
+    most 1 / ``jump`` of it) starts the next check early (``triggered`` says why it started).
 
     Args:
         threads: the count to start from.
@@ -221,6 +229,10 @@ class AdaptiveThreads:
         probe_steps: steps timed per count in a check (their median is compared).
         margin: relative improvement a neighbour must show to be kept.
         warmup: steps ignored at the start.
+        jump: step-time ratio that starts a check early (> 1), or None to check only every
+            ``interval`` steps.
+        jump_steps: steps whose median is compared with the last check's (a lone slow step,
+            a snapshot or an evaluation, does not move it).
     """
 
     def __init__(
@@ -232,6 +244,8 @@ class AdaptiveThreads:
         probe_steps: int = 3,
         margin: float = 0.05,
         warmup: int = 2,
+        jump: float | None = 1.5,
+        jump_steps: int = 5,
     ) -> None:
         if not 1 <= threads <= ceiling:
             raise ValueError(f"threads must be in 1..ceiling={ceiling}, got {threads}")
@@ -240,8 +254,16 @@ class AdaptiveThreads:
                 f"interval and probe_steps must be >= 1 and warmup >= 0, got interval="
                 f"{interval}, probe_steps={probe_steps}, warmup={warmup}"
             )
+        if (jump is not None and not jump > 1.0) or jump_steps < 1:
+            raise ValueError(
+                f"jump must be > 1 (or None) and jump_steps >= 1, got jump={jump}, "
+                f"jump_steps={jump_steps}"
+            )
         self.threads, self.ceiling = threads, ceiling
         self.interval, self.probe_steps, self.margin = interval, probe_steps, margin
+        self.jump, self.jump_steps = jump, jump_steps
+        self._recent: deque[float] = deque(maxlen=jump_steps)
+        self.triggered = "start"  # why the current (or last) check started
         self._skip = warmup
         self._phase = "baseline"  # baseline -> probe -> hold -> baseline ...
         self._held = 0
@@ -275,7 +297,21 @@ class AdaptiveThreads:
 
     def _end_check(self) -> None:
         self._phase, self._held, self._times = "hold", 0, []
+        self._recent.clear()
         self.decisions += 1
+
+    def _jumped(self) -> float | None:
+        """The ratio of the recent median to the last check's, when it is a jump."""
+        if self.jump is None or self._baseline is None or len(self._recent) < self.jump_steps:
+            return None
+        ratio = statistics.median(self._recent) / max(self._baseline, 1e-12)
+        return ratio if ratio >= self.jump or ratio <= 1.0 / self.jump else None
+
+    def _begin_check(self, why: str) -> None:
+        self._phase, self._times, self.triggered = "baseline", [], why
+        self.home, self._moved, self._tried = self.threads, False, {self.threads}
+        self._direction = -1 if self.threads > 1 else 1
+        self.last_timings = {}
 
     def observe(self, seconds: float) -> int:
         """Record the wall time of the step just run; returns the count for the next one."""
@@ -284,11 +320,12 @@ class AdaptiveThreads:
             return self.threads
         if self._phase == "hold":
             self._held += 1
-            if self._held >= self.interval:
-                self._phase, self._times = "baseline", []
-                self.home, self._moved, self._tried = self.threads, False, {self.threads}
-                self._direction = -1 if self.threads > 1 else 1
-                self.last_timings = {}
+            self._recent.append(seconds)
+            ratio = self._jumped()
+            if ratio is not None:
+                self._begin_check(f"step time x{ratio:.2f} of the last check's")
+            elif self._held >= self.interval:
+                self._begin_check(f"every {self.interval} steps")
             return self.threads
         self._times.append(seconds)
         if len(self._times) < self.probe_steps:
@@ -323,7 +360,8 @@ class ThreadPolicy:
     Args:
         num_threads: a fixed count (opt-out), or None for the policy.
         device / distributed / env: as in :func:`choose_threads`.
-        interval, probe_steps, margin, warmup: as in :class:`AdaptiveThreads`.
+        interval, probe_steps, margin, warmup, jump, jump_steps: as in
+            :class:`AdaptiveThreads`.
         reader: the load reading (:func:`read_load`); tests pass a fake.
         set_threads / get_threads: apply / read the count (``torch.set_num_threads`` /
             ``torch.get_num_threads``); tests pass fakes.
@@ -340,6 +378,8 @@ class ThreadPolicy:
         probe_steps: int = 3,
         margin: float = 0.05,
         warmup: int = 2,
+        jump: float | None = 1.5,
+        jump_steps: int = 5,
         reader: Callable[[], LoadReading] = read_load,
         set_threads: Callable[[int], None] = torch.set_num_threads,
         get_threads: Callable[[], int] = torch.get_num_threads,
@@ -350,6 +390,7 @@ class ThreadPolicy:
         self.interval, self.probe_steps, self.margin, self.warmup = (
             interval, probe_steps, margin, warmup,
         )  # fmt: skip
+        self.jump, self.jump_steps = jump, jump_steps
         self.reader, self.set_threads, self.get_threads = reader, set_threads, get_threads
         self.adaptive: AdaptiveThreads | None = None
         self.policy = "fixed"
@@ -369,7 +410,8 @@ class ThreadPolicy:
         if self.policy == "adaptive" and ceiling > 1:
             self.adaptive = AdaptiveThreads(
                 threads, ceiling, interval=self.interval, probe_steps=self.probe_steps,
-                margin=self.margin, warmup=self.warmup,
+                margin=self.margin, warmup=self.warmup, jump=self.jump,
+                jump_steps=self.jump_steps,
             )  # fmt: skip
         return ThreadEvent(before, threads, reason, self.policy, 0)
 
@@ -396,8 +438,10 @@ class ThreadPolicy:
         home = self.adaptive.home
         after = self.adaptive.threads
         timings = {k: round(v, 6) for k, v in self.adaptive.last_timings.items()}
+        trigger = self.adaptive.triggered
         reason = (
-            f"timed {self.adaptive.probe_steps} steps per count: "
+            ("" if trigger == "start" else f"{trigger}; ")
+            + f"timed {self.adaptive.probe_steps} steps per count: "
             + ", ".join(f"{k} threads {v * 1e3:.1f} ms" for k, v in timings.items())
             + ("; kept" if after == home else f"; {home} -> {after}")
         )
