@@ -87,6 +87,11 @@ class Competitors:
                 self.cpu_s.append(float("nan"))
 
     @property
+    def core_share(self) -> list[float | None]:
+        """The share of a core each competitor got while it ran."""
+        return [c / self.wall_s if self.wall_s else None for c in self.cpu_s]
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
@@ -114,7 +119,7 @@ def _alternate(
     return times
 
 
-def _policy(default: int, **kwargs) -> tuple[ThreadPolicy, dict]:
+def _policy(default: int) -> tuple[ThreadPolicy, dict]:
     """A thread policy keeping its count in a cell (the steps alternate thread counts)."""
     cell = {"threads": default, "events": []}
 
@@ -122,23 +127,31 @@ def _policy(default: int, **kwargs) -> tuple[ThreadPolicy, dict]:
         cell["threads"] = n
 
     policy = ThreadPolicy(
-        None, probe_steps=2, warmup=1, set_threads=set_threads,
-        get_threads=lambda: cell["threads"], **kwargs,
-    )  # fmt: skip
+        None, probe_steps=2, warmup=1, set_threads=set_threads, get_threads=lambda: cell["threads"]
+    )
     return policy, cell
+
+
+def _feed(policy: ThreadPolicy, cell: dict, seconds: float) -> None:
+    """Give the policy one step's time; keep its decision, if any, in the cell."""
+    event = policy.after_step(seconds)
+    if event is not None:
+        cell["events"].append(event.record())
+
+
+def _policy_step(policy: ThreadPolicy, cell: dict, step, timeit) -> tuple[int, float]:
+    """One step at the policy's count, fed back to it: (threads, seconds)."""
+    threads = cell["threads"]
+    torch.set_num_threads(threads)
+    seconds = timeit(step)
+    _feed(policy, cell, seconds)
+    return threads, seconds
 
 
 def _run_policy(policy: ThreadPolicy, cell: dict, step, timeit, n: int) -> tuple[list, list]:
     """``n`` consecutive steps under the policy, as in training: (threads, seconds) of each."""
-    threads, times = [], []
-    for _ in range(n):
-        torch.set_num_threads(cell["threads"])
-        threads.append(cell["threads"])
-        times.append(timeit(step))
-        event = policy.after_step(times[-1])
-        if event is not None:
-            cell["events"].append(event.record())
-    return threads, times
+    pairs = [_policy_step(policy, cell, step, timeit) for _ in range(n)]
+    return [t for t, _ in pairs], [s for _, s in pairs]
 
 
 def late_phase(
@@ -162,7 +175,7 @@ def late_phase(
         "steps_before_move": moved,
         "mean_s": statistics.fmean(times),
         "policy_events": cell["events"],
-        "core_share": [c / comp.wall_s if comp.wall_s else None for c in comp.cpu_s],
+        "core_share": comp.core_share,
     }
 
 
@@ -171,10 +184,7 @@ def _settle(policy: ThreadPolicy, cell: dict, step: Callable[[], object], timeit
     adaptive = policy.adaptive
     taken = 0
     while adaptive is not None and adaptive.checking and taken < 20:
-        torch.set_num_threads(cell["threads"])
-        event = policy.after_step(timeit(step))
-        if event is not None:
-            cell["events"].append(event.record())
+        _policy_step(policy, cell, step, timeit)
         taken += 1
     return taken
 
@@ -217,12 +227,9 @@ def run_case(
             steps["reference_default"] = built["reference"]
             threads["reference_default"] = lambda: default
 
-        def feed(t: float) -> None:
-            event = policy.after_step(t)
-            if event is not None:
-                cell["events"].append(event.record())
-
-        times = _alternate(steps, threads, repeats, timeit, {"capsnet_policy": feed})
+        times = _alternate(
+            steps, threads, repeats, timeit, {"capsnet_policy": lambda t: _feed(policy, cell, t)}
+        )
         torch.set_num_threads(default)
         out = {
             "load_reading": {"cores": reading.cores, "others": reading.others},
@@ -244,7 +251,7 @@ def run_case(
         "n": competitors,
         "wall_s": comp.wall_s,
         "cpu_s": comp.cpu_s,
-        "core_share": [c / comp.wall_s if comp.wall_s else None for c in comp.cpu_s],
+        "core_share": comp.core_share,
         "pids": comp.pids,
     }
     # Phase 3: about 3 idle steps' worth of budget per late step (most run at the better

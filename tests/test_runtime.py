@@ -186,13 +186,17 @@ class _FakeTorch:
         self.calls.append(n)
         self.threads = n
 
+    def policy(self, **kwargs) -> R.ThreadPolicy:
+        """An adaptive policy on an idle 2-core machine that sets this fake's count."""
+        return R.ThreadPolicy(
+            env={}, warmup=0, reader=lambda: _reading(2, 0.0), set_threads=self.set,
+            get_threads=lambda: self.threads, **kwargs,
+        )  # fmt: skip
+
 
 def test_thread_policy_applies_and_logs_its_decisions():
     fake = _FakeTorch(2)
-    policy = R.ThreadPolicy(
-        env={}, interval=4, probe_steps=2, warmup=0, reader=lambda: _reading(2, 0.0),
-        set_threads=fake.set, get_threads=lambda: fake.threads,
-    )  # fmt: skip
+    policy = fake.policy(interval=4, probe_steps=2)
     start = policy.start()
     assert (start.before, start.after, start.policy) == (2, 2, "adaptive")
     assert start.record()["kind"] == "threads" and start.record()["threads"] == 2
@@ -212,10 +216,7 @@ def test_thread_policy_applies_and_logs_its_decisions():
 
 def test_thread_policy_says_when_a_jump_started_the_check():
     fake = _FakeTorch(2)
-    policy = R.ThreadPolicy(
-        env={}, interval=200, probe_steps=3, warmup=0, reader=lambda: _reading(2, 0.0),
-        set_threads=fake.set, get_threads=lambda: fake.threads,
-    )  # fmt: skip
+    policy = fake.policy(interval=200, probe_steps=3)
     policy.start()
     events = [policy.after_step(IDLE[fake.threads]) for _ in range(10)]
     events += [policy.after_step(LOADED[fake.threads]) for _ in range(20)]
