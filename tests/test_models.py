@@ -384,6 +384,32 @@ def test_matrix_capsnet_default_lambda_schedule_and_why():
     assert saturated.primary.pose.weight.grad.abs().max() < 1e-6
 
 
+def test_matrix_capsnet_final_lambda_replaces_the_variants_in_every_layer():
+    from capsnet.layers import EM_LAYER_VARIANTS
+    from capsnet.models.matrix_capsnet import authors_inverse_temperatures
+
+    model = M.create("matrix_capsnet", final_lambda=0.004, iterations=3)
+    for layer in (model.conv_caps1, model.conv_caps2):
+        assert layer.inverse_temperatures == pytest.approx([0.0002, 0.00039, 0.0005705])
+    factor = EM_LAYER_VARIANTS[model.variant].class_lambda_factor
+    assert factor == 0.25  # the class layer keeps its variant's factor
+    assert model.class_caps.inverse_temperatures == pytest.approx(
+        authors_inverse_temperatures(3, 0.004 * factor)
+    )
+    # The same model as the default when the value is the variant's own.
+    torch.manual_seed(0)
+    same = M.create("matrix_capsnet", final_lambda=EM_LAYER_VARIANTS[model.variant].final_lambda)
+    torch.manual_seed(0)
+    default = M.create("matrix_capsnet")
+    images, _ = fake_digits(2)
+    assert torch.equal(same(images).scores, default(images).scores)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="final_lambda must be a finite number > 0"):
+            M.create("matrix_capsnet", final_lambda=bad)
+    with pytest.raises(ValueError, match="not both"):
+        M.create("matrix_capsnet", final_lambda=0.01, inverse_temperatures=[0.1, 0.2, 0.3])
+
+
 def _fresh_gradient_norms(variant, iterations=3, seed=0):
     from capsnet import probes
 

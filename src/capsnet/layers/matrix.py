@@ -177,12 +177,24 @@ def _layer_variant(variant: str) -> EMLayerVariant:
 
 
 def _check_routing_options(
-    iterations: int, inverse_temperatures: Sequence[float] | None, final_lambda: float = 0.01
+    iterations: int,
+    inverse_temperatures: Sequence[float] | None,
+    final_lambda: float | None,
+    variant_lambda: float,
+    factor: float = 1.0,
 ) -> tuple[float, ...]:
-    """The layers' schedule: the given one, else :func:`authors_inverse_temperatures`."""
+    """The layers' schedule: the given one, else :func:`authors_inverse_temperatures` with
+    ``final_lambda`` (None: ``variant_lambda``) times ``factor`` (the class layer's)."""
     positive_int("iterations", iterations)
+    if final_lambda is not None:
+        if inverse_temperatures is not None:
+            raise ValueError("give inverse_temperatures or final_lambda, not both")
+        if not (isinstance(final_lambda, (int, float)) and math.isfinite(final_lambda)
+                and final_lambda > 0):  # fmt: skip
+            raise ValueError(f"final_lambda must be a finite number > 0, got {final_lambda!r}")
     if inverse_temperatures is None:
-        inverse_temperatures = authors_inverse_temperatures(iterations, final_lambda)
+        lam = variant_lambda if final_lambda is None else float(final_lambda)
+        inverse_temperatures = authors_inverse_temperatures(iterations, lam * factor)
     return tuple(CF.resolve_inverse_temperatures(iterations, inverse_temperatures))
 
 
@@ -311,6 +323,9 @@ class ConvMatrixCapsules(RoutingLayer):
         inverse_temperatures: lambda per iteration (None: the variant's,
             :func:`authors_inverse_temperatures` with its ``final_lambda``, 0.01:
             ``0.01 * (1 - 0.95 ** t)``).
+        final_lambda: the schedule ``final_lambda * (1 - 0.95 ** t)`` with this value in
+            place of the variant's (the official code's ``final_beta`` flag); None: the
+            variant's. Not together with ``inverse_temperatures``.
         routing: ``"faithful"`` or ``"per_position"``.
         variant: the EM variant (:mod:`capsnet.functional.em_variants` for the routing
             maths, :data:`EM_LAYER_VARIANTS` for the layer's schedule and
@@ -343,6 +358,7 @@ class ConvMatrixCapsules(RoutingLayer):
         stride: int = 1,
         iterations: int = 3,
         inverse_temperatures: Sequence[float] | None = None,
+        final_lambda: float | None = None,
         routing: str = "faithful",
         variant: str = DEFAULT_EM_VARIANT,
         normalize_cost: bool = False,
@@ -361,7 +377,7 @@ class ConvMatrixCapsules(RoutingLayer):
         self.variant = variant
         self._layer_variant = _layer_variant(variant)
         self.inverse_temperatures = _check_routing_options(
-            iterations, inverse_temperatures, self._layer_variant.final_lambda
+            iterations, inverse_temperatures, final_lambda, self._layer_variant.final_lambda
         )
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
@@ -480,6 +496,8 @@ class ClassMatrixCapsules(RoutingLayer):
             :func:`authors_inverse_temperatures` with ``final_lambda *
             class_lambda_factor``: 0.01 for ``"paper"`` and ``"gritzman"``, 0.0025 for
             ``"official"``).
+        final_lambda: as in :class:`ConvMatrixCapsules`; the class layer multiplies it by
+            its variant's ``class_lambda_factor`` (1/4 for ``"official"`` and ``"capsnet"``).
         coordinate_addition: add scaled coordinates to the votes (paper: yes).
         coordinate_elements: the two vote entries that get the row and the column:
             ``(0, 1)`` (docs/spec.md §2), or ``(3, 7)`` for the paper's "right-hand column" reading
@@ -498,6 +516,7 @@ class ClassMatrixCapsules(RoutingLayer):
         num_classes: int,
         iterations: int = 3,
         inverse_temperatures: Sequence[float] | None = None,
+        final_lambda: float | None = None,
         coordinate_addition: bool = True,
         coordinate_elements: Sequence[int] = (0, 1),
         variant: str = DEFAULT_EM_VARIANT,
@@ -515,7 +534,7 @@ class ClassMatrixCapsules(RoutingLayer):
         self.variant = variant
         self._layer_variant = lv = _layer_variant(variant)
         self.inverse_temperatures = _check_routing_options(
-            iterations, inverse_temperatures, lv.final_lambda * lv.class_lambda_factor
+            iterations, inverse_temperatures, final_lambda, lv.final_lambda, lv.class_lambda_factor
         )
         self.coordinate_addition = bool(coordinate_addition)
         # (row, col) entries; the length is checked just below

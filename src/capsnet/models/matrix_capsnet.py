@@ -67,6 +67,9 @@ class MatrixCapsNet(nn.Module):
             each layer's variant schedule, see
             :class:`~capsnet.layers.ConvMatrixCapsules` and
             :class:`~capsnet.layers.ClassMatrixCapsules`).
+        final_lambda: every routing layer's schedule ``final_lambda * (1 - 0.95 ** t)`` with
+            this value in place of its variant's (the class layer keeps its factor, 1/4 for
+            ``"capsnet"`` and ``"official"``); None: the variant's (0.01).
         routing: ``"faithful"`` (default) or ``"per_position"`` for the convolutional
             capsule layers (see :class:`~capsnet.layers.ConvMatrixCapsules`).
         normalize_cost: standardise the EM cost before the logistic (not in the paper).
@@ -113,6 +116,7 @@ class MatrixCapsNet(nn.Module):
         D: int | None = None,
         variant: str = DEFAULT_EM_VARIANT,
         inverse_temperatures: Sequence[float] | None = None,
+        final_lambda: float | None = None,
         routing: str = "faithful",
         normalize_cost: bool = False,
         coordinate_addition: bool = True,
@@ -154,6 +158,7 @@ class MatrixCapsNet(nn.Module):
         routing_kw = {
             "iterations": iterations,
             "inverse_temperatures": inverse_temperatures,
+            "final_lambda": final_lambda,
             "variant": variant,
             "normalize_cost": normalize_cost,
             "init_std": init_std,
