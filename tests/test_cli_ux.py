@@ -39,6 +39,14 @@ def test_every_option_has_help_and_shows_its_default(capsys):
     assert "{adam,adamw,sgd}" in capsys.readouterr().out
 
 
+def test_every_command_prints_its_help():
+    # argparse %-formats help strings only when they are shown: a bare "95 % intervals"
+    # in a subcommand's one-line help crashed `capsnet experiment --help`.
+    for path, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        assert text.startswith("usage: " + " ".join(path)), path
+
+
 @pytest.mark.parametrize(
     "argv, hint",
     [

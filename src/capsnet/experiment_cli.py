@@ -337,7 +337,7 @@ def register_cli(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], in
     q.set_defaults(handler=_affnist_protocol)
     q = sub.add_parser(
         "seeds",
-        help="test error over training seeds with 95 % intervals; paired against a baseline",
+        help="test error over training seeds with 95 %% intervals; paired against a baseline",
         description="Score each run (one per training seed) on the same test images and "
         "report each model's pooled error with a bootstrap interval over images and seeds; "
         "against each --baseline model (the same number of runs), the paired difference, "
