@@ -50,6 +50,7 @@ def test_recipe_string_no_reads_as_false(tmp_path):
         ({"margin_stop": 1.5}, "margin_stop <= 1"),
         ({"margin_start": -0.1}, "0 <= margin_start"),
         ({"margin_per_epoch": -0.1}, "margin_per_epoch must be >= 0"),
+        ({"margin_updates_per_epoch": 0}, "margin_updates_per_epoch must be >= 1"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
     ],
 )

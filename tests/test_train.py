@@ -184,6 +184,21 @@ def test_spread_loss_margin_schedule(data_root, tmp_path):
     assert margins == pytest.approx([0.2, 0.3])
 
 
+def test_spread_margin_grows_inside_an_epoch(data_root, tmp_path):
+    """margin_updates_per_epoch=2: each half epoch adds margin_per_epoch / 2 (4 steps an
+    epoch, so the margin steps after steps 2, 4 and 6)."""
+    cfg = tiny_config(
+        data_root, tmp_path / "run", model="matrix_capsnet", epochs=2, batch_size=16,
+        limit_eval_batches=1, log_every=1, margin_updates_per_epoch=2,
+        model_kwargs={"A": 8, "B": 2, "C": 2, "D": 2},
+    )  # fmt: skip
+    train(cfg)
+    rows = _read_metrics(tmp_path / "run")
+    assert rows[0]["steps_per_epoch"] == 4
+    margins = [r["margin"] for r in rows if "margin" in r]
+    assert margins == pytest.approx([0.2, 0.2, 0.25, 0.25, 0.3, 0.3, 0.35, 0.35])
+
+
 def test_em_diagnostics_and_recorded_variant(data_root, tmp_path):
     """Matrix-capsule runs log "em" records (is EM alive?) after the first step and every
     epoch, and record the resolved EM variant and iterations with their weights."""

@@ -125,6 +125,11 @@ class RunConfig:
     margin_start: float = _f(0.2, "spread-loss margin at epoch 0")
     margin_stop: float = _f(0.9, "final spread-loss margin")
     margin_per_epoch: float = _f(0.1, "spread-loss margin increase per epoch")
+    margin_updates_per_epoch: int = _f(
+        1,
+        "times per epoch the spread-loss margin grows, each by margin_per_epoch / N (1: at "
+        "each epoch's start; more for short runs, e.g. 4 on a one-epoch budget)",
+    )
     # ---------------------------------------------------------------- optimisation
     epochs: int = _f(10, "number of epochs")
     max_minutes: float | None = _f(
@@ -302,7 +307,7 @@ def _check_values(cfg: RunConfig) -> None:
     positive = ["epochs", "batch_size", "eval_batch_size", "lr_decay_steps", "eval_every"]
     positive += ["log_every", "iterations", "train_samples", "num_threads"]
     positive += ["limit_train_batches", "limit_eval_batches", "keep_checkpoints"]
-    positive += ["val_instances"]
+    positive += ["val_instances", "margin_updates_per_epoch"]
     for name in positive:
         value = getattr(cfg, name)
         if value is not None and value < 1:

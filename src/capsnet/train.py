@@ -521,8 +521,16 @@ class Trainer:
         # The rolling window of the train log continues too (a resumed run logs the same).
         window = _Meter(self.device, self.window_sums if start else None)
         self.epoch_sums = self.window_sums = None
-        # Spread-loss margin: +margin_per_epoch per whole epoch, 0.2 -> 0.9 ([H18] §3.1).
-        margin = spread_margin(epoch, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch)
+        # Spread-loss margin, 0.2 -> 0.9 ([H18] §3.1): +margin_per_epoch per epoch, in
+        # margin_updates_per_epoch equal steps (a short run still sees it grow).
+        updates = cfg.margin_updates_per_epoch
+
+        def margin_at(i: int) -> float:
+            part = (i * updates // self.steps_per_epoch) / updates
+            return spread_margin(
+                epoch + part, cfg.margin_start, cfg.margin_stop, cfg.margin_per_epoch
+            )
+
         bars = show_progress(cfg.progress and self.ctx.is_main)
         bar = tqdm(
             total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -530,6 +538,7 @@ class Trainer:
         )  # fmt: skip
         tic = window_tic = line_tic = step_tic = self._step_tic = time.perf_counter()
         for i, batch in self._batches(epoch, start):
+            margin = margin_at(i)
             loss, correct, final_loss = self._forward_loss(batch, margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
