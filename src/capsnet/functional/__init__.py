@@ -54,6 +54,7 @@ from capsnet.functional.em_variants import EM_VARIANTS, EMVariant, resolve_em_va
 from capsnet.functional.geometry import conv_children_index
 from capsnet.functional.losses import margin_loss, reconstruction_loss, spread_loss, spread_margin
 from capsnet.functional.routing import (
+    authors_inverse_temperatures,
     conv_em_routing,
     default_inverse_temperatures,
     dynamic_routing,
@@ -71,6 +72,7 @@ __all__ = [
     "conv_capsule_votes",
     "conv_matrix_capsules",
     "default_inverse_temperatures",
+    "authors_inverse_temperatures",
     "resolve_inverse_temperatures",
     "margin_loss",
     "spread_loss",

@@ -38,6 +38,7 @@ __all__ = [
     "em_routing",
     "conv_em_routing",
     "default_inverse_temperatures",
+    "authors_inverse_temperatures",
     "resolve_inverse_temperatures",
 ]
 
@@ -89,6 +90,18 @@ def default_inverse_temperatures(iterations: int) -> list[float]:
     return [1.0 + (top - 1.0) * t / (iterations - 1) for t in range(iterations)]
 
 
+def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
+    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r.
+
+    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code
+    (``em_layers.update_em_routing``: ``final_beta * (1 - tf.pow(0.95, i + 1))``, with
+    ``final_beta / 4`` in the class layer): ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+    The EM variants with a ``final_lambda`` and the matrix layers use it.
+    """
+    check_iterations(iterations)
+    return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
+
+
 def resolve_inverse_temperatures(
     iterations: int,
     inverse_temperatures: Sequence[float] | None,
@@ -104,7 +117,7 @@ def resolve_inverse_temperatures(
         final = resolve_em_variant(variant).final_lambda
         if final is None:
             return default_inverse_temperatures(iterations)
-        return [final * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
+        return authors_inverse_temperatures(iterations, final)
     lambdas = [float(x) for x in inverse_temperatures]
     if len(lambdas) != iterations:
         raise ValueError(

@@ -59,11 +59,9 @@ def _check_grid(
 
 
 def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) -> list[float]:
-    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default.
-
-    The schedule the authors quoted on OpenReview (docs/spec.md §2), used by the official code
-    (``em_layers.update_em_routing``: ``final_beta * (1 - tf.pow(0.95, i + 1))``, with
-    ``final_beta / 4`` in the class layer): ``[0.0005, 0.000975, 0.00142625]`` for r = 3.
+    """``lambda_t = final_lambda * (1 - 0.95 ** t)`` for t = 1..r: the matrix layers' default
+    (:func:`capsnet.functional.authors_inverse_temperatures`, checked here as a layer
+    argument).
 
     Note:
         Not :func:`capsnet.functional.default_inverse_temperatures` (lambda 1 -> 3): with
@@ -74,7 +72,7 @@ def authors_inverse_temperatures(iterations: int, final_lambda: float = 0.01) ->
         :class:`capsnet.models.MatrixCapsNet`).
     """
     positive_int("iterations", iterations)
-    return [final_lambda * (1.0 - 0.95**t) for t in range(1, iterations + 1)]
+    return CF.authors_inverse_temperatures(iterations, final_lambda)
 
 
 #: An initialisation: ("zeros",), ("constant", value), ("identity_normal", std) (the 4x4
