@@ -273,6 +273,7 @@ def evaluate_attack(
     spread_margin: float = 0.9,
     seed: int = 0,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Accuracy and attack success rate of one model over an epsilon sweep.
 
@@ -294,6 +295,10 @@ def evaluate_attack(
         spread_margin: margin of the spread loss.
         seed: seeds the target classes.
         progress: optional wrapper around the batch iterator (e.g. ``tqdm``).
+        per_image: also return, per epsilon and example, whether the adversarial image is
+            still classified correctly (``"correct"``) and, targeted, whether it hit the
+            target (``"hit"``): NumPy bool arrays ``(E, N)``, for intervals and paired tests
+            (:mod:`capsnet.stats`).
 
     Returns:
         Plain-typed dict: ``method``, ``targeted``, ``loss``, ``epsilons``, ``num_examples``,
@@ -319,6 +324,8 @@ def evaluate_attack(
     hits = [0] * n_eps  # untargeted: flipped clean-correct examples; targeted: hit the target
     linf = [0.0] * n_eps
     clean_correct = total = zero_grad = 0
+    correct_rows: list[list[Tensor]] = [[] for _ in eps_list]  # per_image: (B,) per batch
+    hit_rows: list[list[Tensor]] = [[] for _ in eps_list]
 
     was_training = model.training
     model.eval()
@@ -357,17 +364,28 @@ def evaluate_attack(
                 with torch.no_grad():
                     x_in = preprocess(adv) if preprocess is not None else adv
                     pred = model(x_in).scores.argmax(-1)
-                correct[k] += int((pred == labels).sum())
+                ok = pred == labels
+                correct[k] += int(ok.sum())
                 if targets is None:
-                    hits[k] += int((clean_ok & (pred != labels)).sum())
+                    hits[k] += int((clean_ok & ~ok).sum())
                 else:
-                    hits[k] += int((pred == targets).sum())
+                    hit = pred == targets
+                    hits[k] += int(hit.sum())
+                    if per_image:
+                        hit_rows[k].append(hit.cpu())
+                if per_image:
+                    correct_rows[k].append(ok.cpu())
                 linf[k] += float((adv - images).flatten(1).abs().amax(1).sum())
     finally:
         model.train(was_training)
     if total == 0:
         raise ValueError("batches yielded no examples")
     success_base = total if targeted else max(clean_correct, 1)
+    arrays: dict[str, Any] = {}
+    if per_image:
+        arrays["correct"] = torch.stack([torch.cat(r) for r in correct_rows]).numpy()
+        if targeted:
+            arrays["hit"] = torch.stack([torch.cat(r) for r in hit_rows]).numpy()
     return {
         "method": method,
         "targeted": bool(targeted),
@@ -381,4 +399,5 @@ def evaluate_attack(
         "success_rate": [h / success_base for h in hits],
         "zero_gradient_fraction": zero_grad / total,
         "mean_linf": [x / total for x in linf],
+        **arrays,
     }

@@ -163,7 +163,8 @@ def plot_attack_curves(
     Args:
         results: ``{model label: [attack result dicts from
             capsnet.attacks.evaluate_attack]}``; one panel per distinct
-            (method, targeted) pair, one line per model.
+            (method, targeted) pair, one line per model, shaded by its
+            ``accuracy_interval`` / ``success_interval`` when present.
         path: PNG file to write.
         title: figure title.
     """
@@ -183,7 +184,13 @@ def plot_attack_curves(
             for r in runs:
                 if r["method"] == method and bool(r["targeted"]) == targeted:
                     y = r["success_rate"] if targeted else r["accuracy"]
-                    ax.plot(r["epsilons"], y, marker="o", markersize=3.5, label=label)
+                    (line,) = ax.plot(r["epsilons"], y, marker="o", markersize=3.5, label=label)
+                    band = r.get("success_interval" if targeted else "accuracy_interval")
+                    if band:  # 95 % bootstrap interval over the test images
+                        low, high = zip(*band, strict=True)
+                        ax.fill_between(
+                            r["epsilons"], low, high, color=line.get_color(), alpha=0.2, lw=0
+                        )
         kind = "targeted" if targeted else "untargeted"
         ax.set_title(f"{method.upper()}, {kind}")
         ax.set_xlabel("epsilon (L-inf, pixel units)")

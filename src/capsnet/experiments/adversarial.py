@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from capsnet import attacks, objectives, plots
+from capsnet import attacks, objectives, plots, stats
 from capsnet.devices import resolve_device
 from capsnet.experiments.evaluation import (
     Progress,
@@ -52,6 +53,14 @@ def attack_experiment(
 ) -> dict[str, Any]:
     """White-box FGSM / BIM sweeps for several models on one test set; one plot.
 
+    Every accuracy and targeted success rate gets a 95 % bootstrap interval over the test
+    images; with two or more models, each model after the first is compared with the first
+    on the same images and targets (paired bootstrap interval and McNemar's test, one row
+    per attack and epsilon). Per-image outcomes go to ``per_image.npz``
+    (``LABEL__METHOD__untargeted__correct``, ``...__targeted__correct`` and
+    ``...__targeted__hit``, bool ``(epsilons, images)``), so runs of several training seeds
+    can be pooled with :mod:`capsnet.stats`.
+
     Args:
         models: ``{label: model}``, e.g. a capsule model and its baseline CNN.
         dataset: the test set (``ImageDataset``-like).
@@ -76,6 +85,7 @@ def attack_experiment(
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     summary = []
+    per_image: dict[str, Any] = {}
     attack_losses = _resolve_losses(models, losses, model_names)  # checked before any work
     for label, model in models.items():
         loss = attack_losses[label]
@@ -99,7 +109,18 @@ def attack_experiment(
                     step_size_fraction=step_size_fraction,
                     preprocess=preprocess_of(dataset),
                     seed=seed,
+                    per_image=True,
                 )
+                key = f"{label}__{method}__{'targeted' if tgt else 'untargeted'}"
+                per_image[f"{key}__correct"] = run.pop("correct")
+                run["accuracy_interval"] = [
+                    _fraction_interval(ok) for ok in per_image[f"{key}__correct"]
+                ]
+                if tgt:
+                    per_image[f"{key}__hit"] = run.pop("hit")
+                    run["success_interval"] = [
+                        _fraction_interval(hit) for hit in per_image[f"{key}__hit"]
+                    ]
                 runs.append(run)
                 metric = "success_rate" if tgt else "accuracy"
                 row = {
@@ -115,6 +136,10 @@ def attack_experiment(
                 )
                 summary.append(row)
         results[label] = runs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "per_image.npz", **per_image)
+    comparisons = _paired_rows(list(models), methods, targeted, epsilons, per_image)
+    summary += comparisons
     figure = plots.plot_attack_curves(
         results, out_dir / "attack.png", title="White-box attacks (gradients through routing)"
     )
@@ -124,6 +149,10 @@ def attack_experiment(
         "Gradients flow through every routing iteration (no detach, no stop-gradient).",
         "zero_gradient_fraction > 0 means the attack loss is flat for those examples "
         "(sign(0) = 0 leaves them unperturbed): a masked gradient, not robustness.",
+        "Intervals: 95 % percentile bootstrap over the test images (one trained model "
+        "each); comparison rows: the later model minus the first, in points of error "
+        "(untargeted) or of target success (targeted), paired on the same images, with "
+        "McNemar's exact p.",
     ]
     record = make_record(
         "attack",
@@ -142,7 +171,7 @@ def attack_experiment(
             "dataset": getattr(dataset, "name", type(dataset).__name__),
         },
         models=describe_models(models, model_names),
-        results=results,
+        results={**results, "comparisons": comparisons} if comparisons else results,
         figures=[figure],
         summary=summary,
         notes=notes,
@@ -177,3 +206,47 @@ def _loss_names(losses: Mapping[str, str] | str) -> str:
     if isinstance(losses, str):
         return "each model's paper loss" if losses == "model" else losses
     return ", ".join(f"{k}: {v}" for k, v in losses.items())
+
+
+def _fraction_interval(outcomes: np.ndarray) -> list[float]:
+    """The bootstrap interval of the fraction of True ``outcomes`` ``(N,)``, in [0, 1]."""
+    est = stats.bootstrap_error(~outcomes)  # the "error" of ~x is the rate of x, in %
+    return [est.low / 100.0, est.high / 100.0]
+
+
+def _paired_rows(
+    labels: Sequence[str],
+    methods: Sequence[str],
+    targeted: Sequence[bool],
+    epsilons: Sequence[float],
+    per_image: Mapping[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """Each later model minus the first on the same images: adversarial error (untargeted)
+    or target success (targeted), in points, per attack and epsilon."""
+    rows = []
+    first = labels[0]
+    for other in labels[1:]:
+        for method in methods:
+            for tgt in targeted:
+                kind = "targeted" if tgt else "untargeted"
+                # stats compare errors: untargeted the error is ~correct; targeted the
+                # "error" is a hit, so the difference is in target success
+                field = "hit" if tgt else "correct"
+                a = per_image[f"{other}__{method}__{kind}__{field}"]
+                b = per_image[f"{first}__{method}__{kind}__{field}"]
+                row: dict[str, Any] = {
+                    "comparison": f"{other} - {first}",
+                    "attack": method,
+                    "targeted": tgt,
+                    "metric": "target success (points)" if tgt else "error (points)",
+                }
+                for k, eps in enumerate(epsilons):
+                    # the "correct" arrays of stats: untargeted correct, targeted not hit
+                    ca, cb = (~a[k], ~b[k]) if tgt else (a[k], b[k])
+                    cmp = stats.paired_comparison(ca, cb)
+                    row[f"eps={eps:g}"] = (
+                        f"{cmp.difference:+.1f} [{cmp.low:+.1f}, {cmp.high:+.1f}] "
+                        f"p={cmp.p_value:.2g}"
+                    )
+                rows.append(row)
+    return rows
