@@ -196,3 +196,38 @@ def test_single_file_commands_take_output(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     assert "--output-dir DIR" in capsys.readouterr().out
+
+
+def test_experiment_attack_pools_seeds(data_root, tmp_path, capsys):
+    """Several runs per model: one attack per seed (seed-S/), then a pooled record whose
+    rates are the means over seeds of the per-seed rates, with a paired comparison row."""
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"caps-{seed}"
+        flags = [*tiny_flags(data_root, run), "--epochs", "1", "--seed", str(seed)]
+        assert main(["train", *flags]) == 0
+        runs.append(str(run))
+    capsys.readouterr()
+    flags = ["--epsilons", "0,0.1", "--methods", "fgsm", "--targeted", "no"]
+    flags += ["--max-examples", "8", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    out_dir = tmp_path / "pooled"
+    argv = ["experiment", "attack", runs[0], runs[1], "--baseline", runs[1], runs[0]]
+    assert main([*argv, *flags, "--output-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    pooled = json.loads((out_dir / "attack_seeds.json").read_text())
+    per_seed = [json.loads((out_dir / f"seed-{s}" / "attack.json").read_text()) for s in (0, 1)]
+    labels = [k for k in pooled["results"] if k not in ("comparisons", "per_seed")]
+    assert len(labels) == 2 and pooled["settings"]["seeds"] == 2
+    first = pooled["results"][labels[0]][0]
+    means = [
+        (per_seed[0]["results"][labels[0]][0]["accuracy"][k]
+         + per_seed[1]["results"][labels[0]][0]["accuracy"][k]) / 2
+        for k in range(2)
+    ]  # fmt: skip
+    assert first["accuracy"] == pytest.approx(means)
+    # the baseline is the same two models in the other order: pooled, no difference
+    (row,) = pooled["results"]["comparisons"]
+    assert row["eps=0"].startswith("+0.0 [") and "p=1" in row["eps=0"]
+    assert "attack_seeds.json" in out and "accuracy %" in out
+    assert main(["experiment", "attack", runs[0], runs[1], "--baseline", runs[0], *flags]) != 0
+    assert "one run per seed" in capsys.readouterr().err

@@ -70,15 +70,25 @@ class _Floats(argparse.Action):
         setattr(namespace, self.dest, numbers)
 
 
-def _common(p: argparse.ArgumentParser, *, baseline: bool) -> None:
-    p.add_argument("run", metavar="RUN_DIR", help="run directory or .safetensors checkpoint")
+def _common(p: argparse.ArgumentParser, *, baseline: bool, seeds: bool = False) -> None:
+    if seeds:  # several runs per model, one per training seed
+        p.add_argument(
+            "run",
+            metavar="RUN_DIR",
+            nargs="+",
+            help="run directory or .safetensors checkpoint; several: one per training seed",
+        )
+    else:
+        p.add_argument("run", metavar="RUN_DIR", help="run directory or .safetensors checkpoint")
     if baseline:
         p.add_argument(
             "--baseline",
             metavar="RUN_DIR",
             action="append",
+            nargs="+" if seeds else None,
             default=[],
-            help="a model to compare with (e.g. the baseline CNN); repeatable",
+            help="a model to compare with (e.g. the baseline CNN); repeatable"
+            + ("; one run per seed, as many as RUN_DIR" if seeds else ""),
         )
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
     p.add_argument("--dataset", help="test on another dataset (default: the run's)")
@@ -184,12 +194,16 @@ def _protocol_flags(p: argparse.ArgumentParser, recipe: str, baseline: str) -> N
 
 _ATTACK_DESCRIPTION = (
     "Adversarial robustness: FGSM and BIM, untargeted and targeted, over a sweep of L-inf "
-    "budgets on the test set. Gradients flow through routing."
+    "budgets on the test set. Gradients flow through routing. Every rate gets a 95 %% "
+    "bootstrap interval; each --baseline is compared with the model on the same images "
+    "(paired interval, McNemar). Several runs per model (one per training seed) pool the "
+    "seeds: capsnet experiment attack runs/caps-0 runs/caps-1 runs/caps-2 --baseline "
+    "runs/cnn-0 runs/cnn-1 runs/cnn-2"
 )
 
 
 def _attack_flags(p: argparse.ArgumentParser) -> None:
-    _common(p, baseline=True)
+    _common(p, baseline=True, seeds=True)
     p.add_argument(
         "--epsilons",
         action=_Floats,
@@ -465,11 +479,41 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 @_guard
 def _attack(args: argparse.Namespace) -> int:
     from capsnet import experiments
+    from capsnet.devices import resolve_device
 
-    runs, dataset, out, device = _setup(args, "attack")
+    paths = [list(args.run), *[list(group) for group in args.baseline]]
+    if any(len(group) != len(paths[0]) for group in paths):
+        raise ValueError(
+            f"every model needs one run per seed: {len(paths[0])} RUN_DIR, but "
+            + ", ".join(f"{len(g)}" for g in paths[1:])
+            + " in the --baseline groups"
+        )
+    seeds = len(paths[0])
+    if seeds == 1:
+        args.run, args.baseline = paths[0][0], [g[0] for g in paths[1:]]
+        runs, dataset, out, device = _setup(args, "attack")
+        model_arg: Any = {r.label: r.model for r in runs}
+        run_attack: Callable[..., dict[str, Any]] = experiments.attack_experiment
+    else:
+        device = str(resolve_device(args.device))
+        groups = [[load_run(p, which=args.which, device=device) for p in g] for g in paths]
+        for g in groups:
+            if len({r.name for r in g}) > 1:
+                raise ValueError(
+                    f"the runs of one model must be seeds of one model, got "
+                    f"{sorted({r.name for r in g})}; give each model its own --baseline"
+                )
+        _unique_labels([g[0] for g in groups])
+        dataset = groups[0][0].dataset(
+            args.split, dataset=args.dataset, data_root=args.data_root, download=args.download
+        )
+        out = Path(args.output_dir or groups[0][0].run_dir / "experiments" / "attack_seeds")
+        runs = [g[0] for g in groups]
+        model_arg = {g[0].label: [r.model for r in g] for g in groups}
+        run_attack = experiments.attack_seeds_experiment
     targeted = {"both": (False, True), "no": (False,), "yes": (True,)}[args.targeted]
-    record = experiments.attack_experiment(
-        {r.label: r.model for r in runs},
+    record = run_attack(
+        model_arg,
         dataset,
         out,
         epsilons=args.epsilons,

@@ -4,7 +4,7 @@
 function               claim tested (file)
 =====================  ===============================================================
 attack_experiment      capsules resist white-box FGSM / BIM better than a CNN ([H18] §6;
-                       adversarial.py)
+                       adversarial.py); attack_seeds_experiment: the same over seeds
 transform_sweep        accuracy vs rotation / translation / scale outside training range
                        (sweeps.py)
 affnist_experiment     trained on shifted MNIST, tested on affine digits ([S17] §5.2;
@@ -41,7 +41,7 @@ generalization.py below viewpoint.py and affnist.py.
 from __future__ import annotations
 
 from capsnet.devices import resolve_device as resolve_device
-from capsnet.experiments.adversarial import attack_experiment
+from capsnet.experiments.adversarial import attack_experiment, attack_seeds_experiment
 from capsnet.experiments.affnist import affine_test_set, affnist_experiment, affnist_protocol
 from capsnet.experiments.equivariance import equivariance_experiment
 from capsnet.experiments.evaluation import Progress as Progress
@@ -69,6 +69,7 @@ __all__ = [
     "eval_batches",
     "evaluate_accuracy",
     "attack_experiment",
+    "attack_seeds_experiment",
     "transform_sweep",
     "reconstruction_experiment",
     "routing_experiment",

@@ -30,7 +30,7 @@ from capsnet.experiments.evaluation import (
 )
 from capsnet.experiments.records import finish_record, make_record
 
-__all__ = ["attack_experiment"]
+__all__ = ["attack_experiment", "attack_seeds_experiment"]
 
 
 def attack_experiment(
@@ -250,3 +250,115 @@ def _paired_rows(
                     )
                 rows.append(row)
     return rows
+
+
+def attack_seeds_experiment(
+    model_seeds: Mapping[str, Sequence[nn.Module]],
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    **attack: Any,
+) -> dict[str, Any]:
+    """:func:`attack_experiment` once per training seed, then pooled over the seeds.
+
+    Seed s attacks the s-th model of every label on the same images with the same targets
+    (``out_dir/seed-S/``); the pooled record (``attack_seeds.json``, ``attack_seeds.png``)
+    gives each rate with a 95 % bootstrap interval over seeds and images, and each later
+    model minus the first, paired seed by seed on the same images, with McNemar's test over
+    the pooled discordant pairs.
+
+    Args:
+        model_seeds: ``{label: [model of seed 0, model of seed 1, ...]}``, the same number
+            of seeds for every label.
+        dataset, out_dir, device: as :func:`attack_experiment`.
+        **attack: the other arguments of :func:`attack_experiment`.
+    """
+    if not isinstance(model_seeds, Mapping) or not model_seeds:
+        raise ValueError("model_seeds must be a non-empty {label: [model per seed]} mapping")
+    for label, models in model_seeds.items():
+        check_models({f"{label}[{s}]": m for s, m in enumerate(models)})
+    counts = {label: len(models) for label, models in model_seeds.items()}
+    if len(set(counts.values())) != 1 or min(counts.values()) < 1:
+        raise ValueError(f"every model needs the same number (>= 1) of seeds, got {counts}")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    seeds = next(iter(counts.values()))
+    labels = list(model_seeds)
+    records, arrays = [], []
+    for s in range(seeds):
+        sub = out_dir / f"seed-{s}"
+        records.append(
+            attack_experiment(
+                {label: model_seeds[label][s] for label in labels},
+                dataset,
+                sub,
+                device=device,
+                **attack,
+            )  # fmt: skip
+        )
+        with np.load(sub / "per_image.npz") as npz:
+            arrays.append({k: npz[k] for k in npz.files})
+    pooled = {k: np.stack([a[k] for a in arrays], 1) for k in arrays[0]}  # (E, S, N)
+    first = records[0]
+    epsilons = first["settings"]["epsilons"]
+    results: dict[str, list[dict[str, Any]]] = {}
+    summary = []
+    for label in labels:
+        runs = []
+        for r in first["results"][label]:
+            kind = "targeted" if r["targeted"] else "untargeted"
+            field = "hit" if r["targeted"] else "correct"
+            outcomes = pooled[f"{label}__{r['method']}__{kind}__{field}"]
+            ests = [stats.bootstrap_error(~o) for o in outcomes]  # the rate of True, in %
+            rate = [e.error / 100.0 for e in ests]
+            band = [[e.low / 100.0, e.high / 100.0] for e in ests]
+            metric = "success_rate" if r["targeted"] else "accuracy"
+            runs.append({
+                "method": r["method"], "targeted": r["targeted"], "loss": r["loss"],
+                "epsilons": epsilons, "seeds": seeds, "num_examples": outcomes.shape[-1],
+                metric: rate,
+                ("success_interval" if r["targeted"] else "accuracy_interval"): band,
+            })  # fmt: skip
+            summary.append({
+                "model": label, "attack": r["method"], "targeted": r["targeted"],
+                "metric": f"{'target success' if r['targeted'] else 'accuracy'} %",
+                **{
+                    f"eps={e:g}": f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                    for e, v, (lo, hi) in zip(epsilons, rate, band, strict=True)
+                },
+            })  # fmt: skip
+        results[label] = runs
+    methods = first["settings"]["methods"]
+    targeted = first["settings"]["targeted"]
+    comparisons = _paired_rows(labels, methods, targeted, epsilons, pooled)
+    summary += comparisons
+    figure = plots.plot_attack_curves(
+        results,
+        out_dir / "attack_seeds.png",
+        title=f"White-box attacks, {seeds} seeds (95 % intervals over seeds and images)",
+    )
+    record = make_record(
+        "attack_seeds",
+        f"Adversarial robustness (FGSM / BIM) over {seeds} training seeds",
+        device=resolve_device(device),
+        started=started,
+        settings={**first["settings"], "seeds": seeds},
+        models={label: first["models"][label] for label in labels},
+        results={
+            **results,
+            "comparisons": comparisons,
+            "per_seed": [f"seed-{s}" for s in range(seeds)],
+        },
+        figures=[figure],
+        summary=summary,
+        notes=[
+            *first["notes"][:3],
+            f"Rates pool {seeds} seeds x {pooled[next(iter(pooled))].shape[-1]} test images "
+            "(the same images and targets for every seed and model); intervals: 95 % "
+            "bootstrap over seeds, then images. Comparison rows: the later model minus the "
+            "first, in points, seed s paired with seed s on the same images, McNemar's exact "
+            "p over the pooled discordant pairs. Per-seed records: seed-S/attack.json.",
+        ],
+    )
+    return finish_record(out_dir, record)
