@@ -231,3 +231,36 @@ def test_experiment_attack_pools_seeds(data_root, tmp_path, capsys):
     assert "attack_seeds.json" in out and "accuracy %" in out
     assert main(["experiment", "attack", runs[0], runs[1], "--baseline", runs[0], *flags]) != 0
     assert "one run per seed" in capsys.readouterr().err
+
+
+def test_experiment_attack_matched_reads_the_snapshots_of_a_protocol_record(
+    data_root, tmp_path, capsys
+):
+    """--matched RECORD attacks the snapshots a viewpoint / affNIST record names, per model
+    and seed, under RECORD's folder runs/LABEL/seed-S/."""
+    root = tmp_path / "vp"
+    per_seed: dict[str, list[dict]] = {"capsules": [], "cnn": []}
+    for label in per_seed:
+        for seed in (0, 1):
+            run = root / "runs" / label / f"seed-{seed}"
+            flags = [*tiny_flags(data_root, run), "--epochs", "1", "--seed", str(seed)]
+            assert main(["train", *flags]) == 0
+            per_seed[label].append({"seed": seed, "snapshot": "last.safetensors"})
+    record = {"results": {"models": {k: {"per_seed": v} for k, v in per_seed.items()}}}
+    (root / "viewpoint_azimuth.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    flags = ["--epsilons", "0,0.1", "--methods", "fgsm", "--targeted", "no"]
+    flags += ["--max-examples", "8", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    out_dir = tmp_path / "atk"
+    argv = ["experiment", "attack", "--matched", str(root / "viewpoint_azimuth.json"), *flags]
+    assert main([*argv, "--output-dir", str(out_dir)]) == 0
+    pooled = json.loads((out_dir / "attack_seeds.json").read_text())
+    assert pooled["settings"]["seeds"] == 2
+    assert [r["comparison"] for r in pooled["results"]["comparisons"]] == ["cnn - capsules"]
+    assert pooled["summary"][0]["model"] == "capsules"
+    capsys.readouterr()
+    assert main([*argv, str(root / "runs" / "cnn" / "seed-0")]) != 0
+    assert "not both" in capsys.readouterr().err
+    (root / "bad.json").write_text("{}")
+    assert main(["experiment", "attack", "--matched", str(root / "bad.json"), *flags]) != 0
+    assert "not a matched-protocol record" in capsys.readouterr().err

@@ -16,6 +16,7 @@ says otherwise, where ``capsnet report RUN_DIR`` finds them (output flags: see
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -71,11 +72,11 @@ class _Floats(argparse.Action):
 
 
 def _common(p: argparse.ArgumentParser, *, baseline: bool, seeds: bool = False) -> None:
-    if seeds:  # several runs per model, one per training seed
+    if seeds:  # several runs per model, one per training seed (or --matched)
         p.add_argument(
             "run",
             metavar="RUN_DIR",
-            nargs="+",
+            nargs="*",
             help="run directory or .safetensors checkpoint; several: one per training seed",
         )
     else:
@@ -204,6 +205,13 @@ _ATTACK_DESCRIPTION = (
 
 def _attack_flags(p: argparse.ArgumentParser) -> None:
     _common(p, baseline=True, seeds=True)
+    p.add_argument(
+        "--matched",
+        metavar="RECORD",
+        help="instead of RUN_DIR and --baseline: the snapshots a viewpoint or affNIST "
+        "experiment matched, per model and seed, read from its JSON (the first model is "
+        "attacked, the others are its baselines)",
+    )
     p.add_argument(
         "--epsilons",
         action=_Floats,
@@ -481,7 +489,16 @@ def _attack(args: argparse.Namespace) -> int:
     from capsnet import experiments
     from capsnet.devices import resolve_device
 
-    paths = [list(args.run), *[list(group) for group in args.baseline]]
+    labels: list[str] | None = None  # the record's labels with --matched
+    if args.matched is not None:
+        if args.run or args.baseline:
+            raise ValueError("give either --matched RECORD or RUN_DIR (and --baseline), not both")
+        matched = _matched_snapshots(Path(args.matched))
+        labels, paths = list(matched), list(matched.values())
+    elif not args.run:
+        raise ValueError("give RUN_DIR (one per seed), or --matched RECORD")
+    else:
+        paths = [list(args.run), *[list(group) for group in args.baseline]]
     if any(len(group) != len(paths[0]) for group in paths):
         raise ValueError(
             f"every model needs one run per seed: {len(paths[0])} RUN_DIR, but "
@@ -489,7 +506,7 @@ def _attack(args: argparse.Namespace) -> int:
             + " in the --baseline groups"
         )
     seeds = len(paths[0])
-    if seeds == 1:
+    if seeds == 1 and labels is None:
         args.run, args.baseline = paths[0][0], [g[0] for g in paths[1:]]
         runs, dataset, out, device = _setup(args, "attack")
         model_arg: Any = {r.label: r.model for r in runs}
@@ -503,7 +520,14 @@ def _attack(args: argparse.Namespace) -> int:
                     f"the runs of one model must be seeds of one model, got "
                     f"{sorted({r.name for r in g})}; give each model its own --baseline"
                 )
-        _unique_labels([g[0] for g in groups])
+        if labels is None:
+            _unique_labels([g[0] for g in groups])
+            labels = [g[0].label for g in groups]
+            if len(set(labels)) < len(labels):  # the same run twice: number the models
+                labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+        for label, g in zip(labels, groups, strict=True):
+            for r in g:
+                r.label = label
         dataset = groups[0][0].dataset(
             args.split, dataset=args.dataset, data_root=args.data_root, download=args.download
         )
@@ -530,6 +554,27 @@ def _attack(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     return _done(record, out)
+
+
+def _matched_snapshots(record_path: Path) -> dict[str, list[str]]:
+    """``{label: [snapshot of seed 0, ...]}`` from a matched-protocol record (viewpoint,
+    affNIST): ``results.models.LABEL.per_seed[].snapshot`` under ``runs/LABEL/seed-S/``."""
+    record = json.loads(record_path.read_text())
+    models = (record.get("results") or {}).get("models")
+    if not isinstance(models, dict) or not all(
+        isinstance(m, dict) and m.get("per_seed") for m in models.values()
+    ):
+        raise ValueError(
+            f"{record_path} is not a matched-protocol record (a viewpoint or affNIST "
+            "experiment's JSON with results.models.LABEL.per_seed)"
+        )
+    root = record_path.parent / "runs"
+    return {
+        label: [
+            str(root / label / f"seed-{row['seed']}" / row["snapshot"]) for row in m["per_seed"]
+        ]
+        for label, m in models.items()
+    }
 
 
 def _attack_alias(args: argparse.Namespace) -> int:
