@@ -256,7 +256,7 @@ def test_experiment_attack_matched_reads_the_snapshots_of_a_protocol_record(
     assert main([*argv, "--output-dir", str(out_dir)]) == 0
     pooled = json.loads((out_dir / "attack_seeds.json").read_text())
     assert pooled["settings"]["seeds"] == 2
-    assert [r["comparison"] for r in pooled["results"]["comparisons"]] == ["cnn - capsules"]
+    assert [r["comparison"] for r in pooled["results"]["comparisons"]] == ["capsules - cnn"]
     assert pooled["summary"][0]["model"] == "capsules"
     capsys.readouterr()
     assert main([*argv, str(root / "runs" / "cnn" / "seed-0")]) != 0

@@ -192,6 +192,9 @@ def plot_attack_curves(
                             r["epsilons"], low, high, color=line.get_color(), alpha=0.2, lw=0
                         )
         kind = "targeted" if targeted else "untargeted"
+        sweep = sorted({e for runs in results.values() for r in runs for e in r["epsilons"]})
+        if len(sweep) <= 10:  # one tick per epsilon of the sweep, written as given
+            ax.set_xticks(sweep, [f"{e:g}" for e in sweep])
         ax.set_title(f"{method.upper()}, {kind}")
         ax.set_xlabel("epsilon (L-inf, pixel units)")
         ax.set_ylabel("target success rate" if targeted else "accuracy")

@@ -43,7 +43,7 @@ def test_attack_experiment_writes_json_and_plot(tmp_path):
 
 def test_attack_intervals_per_image_and_paired_rows(tmp_path):
     """Per-image outcomes reproduce the rates; intervals hold them; the comparison rows are
-    the later model minus the first on the same images."""
+    the first model minus the later one on the same images."""
     from capsnet import stats
 
     data = FakeDataset(12)
@@ -73,11 +73,11 @@ def test_attack_intervals_per_image_and_paired_rows(tmp_path):
             assert low <= value <= high
     rows = rec["results"]["comparisons"]
     assert [(r["comparison"], r["targeted"]) for r in rows] == [
-        ("cnn - capsules", False),
-        ("cnn - capsules", True),
+        ("capsules - cnn", False),
+        ("capsules - cnn", True),
     ]
-    a = arrays["cnn__fgsm__untargeted__correct"][1]
-    b = arrays["capsules__fgsm__untargeted__correct"][1]
+    a = arrays["capsules__fgsm__untargeted__correct"][1]
+    b = arrays["cnn__fgsm__untargeted__correct"][1]
     expected = stats.paired_comparison(a, b)
     assert rows[0]["eps=0.2"].startswith(f"{expected.difference:+.1f} [")
     assert 100 * ((~a).mean() - (~b).mean()) == pytest.approx(expected.difference)

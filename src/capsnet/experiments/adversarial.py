@@ -54,9 +54,9 @@ def attack_experiment(
     """White-box FGSM / BIM sweeps for several models on one test set; one plot.
 
     Every accuracy and targeted success rate gets a 95 % bootstrap interval over the test
-    images; with two or more models, each model after the first is compared with the first
-    on the same images and targets (paired bootstrap interval and McNemar's test, one row
-    per attack and epsilon). Per-image outcomes go to ``per_image.npz``
+    images; with two or more models, the first is compared with each later one (first
+    minus later) on the same images and targets (paired bootstrap interval and McNemar's
+    test, one row per attack and epsilon). Per-image outcomes go to ``per_image.npz``
     (``LABEL__METHOD__untargeted__correct``, ``...__targeted__correct`` and
     ``...__targeted__hit``, bool ``(epsilons, images)``), so runs of several training seeds
     can be pooled with :mod:`capsnet.stats`.
@@ -150,7 +150,7 @@ def attack_experiment(
         "zero_gradient_fraction > 0 means the attack loss is flat for those examples "
         "(sign(0) = 0 leaves them unperturbed): a masked gradient, not robustness.",
         "Intervals: 95 % percentile bootstrap over the test images (one trained model "
-        "each); comparison rows: the later model minus the first, in points of error "
+        "each); comparison rows: the first model minus each later one, in points of error "
         "(untargeted) or of target success (targeted), paired on the same images, with "
         "McNemar's exact p.",
     ]
@@ -221,8 +221,10 @@ def _paired_rows(
     epsilons: Sequence[float],
     per_image: Mapping[str, np.ndarray],
 ) -> list[dict[str, Any]]:
-    """Each later model minus the first on the same images: adversarial error (untargeted)
-    or target success (targeted), in points, per attack and epsilon."""
+    """The first model minus each later one (its baselines) on the same images:
+    adversarial error (untargeted) or target success (targeted), in points, per attack and
+    epsilon (negative: the first model is the more robust). The order of
+    ``capsnet experiment seeds`` and of the viewpoint records."""
     rows = []
     first = labels[0]
     for other in labels[1:]:
@@ -232,10 +234,10 @@ def _paired_rows(
                 # stats compare errors: untargeted the error is ~correct; targeted the
                 # "error" is a hit, so the difference is in target success
                 field = "hit" if tgt else "correct"
-                a = per_image[f"{other}__{method}__{kind}__{field}"]
-                b = per_image[f"{first}__{method}__{kind}__{field}"]
+                a = per_image[f"{first}__{method}__{kind}__{field}"]
+                b = per_image[f"{other}__{method}__{kind}__{field}"]
                 row: dict[str, Any] = {
-                    "comparison": f"{other} - {first}",
+                    "comparison": f"{first} - {other}",
                     "attack": method,
                     "targeted": tgt,
                     "metric": "target success (points)" if tgt else "error (points)",
@@ -264,8 +266,8 @@ def attack_seeds_experiment(
 
     Seed s attacks the s-th model of every label on the same images with the same targets
     (``out_dir/seed-S/``); the pooled record (``attack_seeds.json``, ``attack_seeds.png``)
-    gives each rate with a 95 % bootstrap interval over seeds and images, and each later
-    model minus the first, paired seed by seed on the same images, with McNemar's test over
+    gives each rate with a 95 % bootstrap interval over seeds and images, and the first
+    model minus each later one, paired seed by seed on the same images, with McNemar's test over
     the pooled discordant pairs.
 
     Args:
@@ -356,8 +358,8 @@ def attack_seeds_experiment(
             *first["notes"][:3],
             f"Rates pool {seeds} seeds x {pooled[next(iter(pooled))].shape[-1]} test images "
             "(the same images and targets for every seed and model); intervals: 95 % "
-            "bootstrap over seeds, then images. Comparison rows: the later model minus the "
-            "first, in points, seed s paired with seed s on the same images, McNemar's exact "
+            "bootstrap over seeds, then images. Comparison rows: the first model minus each "
+            "later one, in points, seed s paired with seed s on the same images, McNemar's exact "
             "p over the pooled discordant pairs. Per-seed records: seed-S/attack.json.",
         ],
     )
