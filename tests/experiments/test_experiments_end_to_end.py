@@ -44,7 +44,8 @@ def test_cli_end_to_end(tiny_runs, capsys):
         == 0
     )
     rec = load(caps / "experiments" / "attack" / "attack.json")
-    assert set(rec["results"]) == {"capsnet", "hinton_cnn"}
+    assert set(rec["results"]) == {"capsnet", "hinton_cnn", "comparisons"}
+    assert [r["comparison"] for r in rec["results"]["comparisons"]] == ["capsnet - hinton_cnn"]
     assert (
         cli(
             [
