@@ -513,13 +513,7 @@ def _attack(args: argparse.Namespace) -> int:
         run_attack: Callable[..., dict[str, Any]] = experiments.attack_experiment
     else:
         device = str(resolve_device(args.device))
-        groups = [[load_run(p, which=args.which, device=device) for p in g] for g in paths]
-        for g in groups:
-            if len({r.name for r in g}) > 1:
-                raise ValueError(
-                    f"the runs of one model must be seeds of one model, got "
-                    f"{sorted({r.name for r in g})}; give each model its own --baseline"
-                )
+        groups = _load_seed_groups(paths, args, device)
         if labels is None:
             _unique_labels([g[0] for g in groups])
             labels = [g[0].label for g in groups]
@@ -554,6 +548,29 @@ def _attack(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     return _done(record, out)
+
+
+def _load_seed_groups(
+    paths: list[list[str]], args: argparse.Namespace, device: str
+) -> list[list[Run]]:
+    """Each model's runs (one per training seed), loaded; every group must be one model, and
+    (without ``--dataset``) every run trained on the first run's dataset."""
+    groups = [[load_run(p, which=args.which, device=device) for p in group] for group in paths]
+    first = groups[0][0]
+    for group in groups:
+        for r in group:
+            if args.dataset is None and r.config.get("dataset") != first.config.get("dataset"):
+                raise ValueError(
+                    f"{r.run_dir} was trained on {r.config.get('dataset')!r}, {first.run_dir} on "
+                    f"{first.config.get('dataset')!r}; give --dataset to test all on one dataset"
+                )
+        names = {r.name for r in group}
+        if len(names) > 1:
+            raise ValueError(
+                f"the runs of one model must be one model (seeds of it), got {sorted(names)} "
+                f"in {[str(r.run_dir) for r in group]}; give each model its own --baseline"
+            )
+    return groups
 
 
 def _matched_snapshots(record_path: Path) -> dict[str, list[str]]:
@@ -820,21 +837,8 @@ def _seeds(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     paths = [list(args.runs), *[list(group) for group in args.baseline]]
-    groups = [[load_run(p, which=args.which, device=device) for p in group] for group in paths]
+    groups = _load_seed_groups(paths, args, device)
     first = groups[0][0]
-    for group in groups:
-        for r in group:
-            if args.dataset is None and r.config.get("dataset") != first.config.get("dataset"):
-                raise ValueError(
-                    f"{r.run_dir} was trained on {r.config.get('dataset')!r}, {first.run_dir} on "
-                    f"{first.config.get('dataset')!r}; give --dataset to test all on one dataset"
-                )
-        names = {r.name for r in group}
-        if len(names) > 1:
-            raise ValueError(
-                f"the runs of one model must be one model (seeds of it), got {sorted(names)} "
-                f"in {[str(r.run_dir) for r in group]}; give each model its own --baseline"
-            )
     labels = [group[0].name for group in groups]
     for i, group in enumerate(groups):
         if labels.count(group[0].name) > 1:

@@ -114,12 +114,12 @@ def attack_experiment(
                 key = f"{label}__{method}__{'targeted' if tgt else 'untargeted'}"
                 per_image[f"{key}__correct"] = run.pop("correct")
                 run["accuracy_interval"] = [
-                    _fraction_interval(ok) for ok in per_image[f"{key}__correct"]
+                    _rate_interval(ok)[1] for ok in per_image[f"{key}__correct"]
                 ]
                 if tgt:
                     per_image[f"{key}__hit"] = run.pop("hit")
                     run["success_interval"] = [
-                        _fraction_interval(hit) for hit in per_image[f"{key}__hit"]
+                        _rate_interval(hit)[1] for hit in per_image[f"{key}__hit"]
                     ]
                 runs.append(run)
                 metric = "success_rate" if tgt else "accuracy"
@@ -208,10 +208,11 @@ def _loss_names(losses: Mapping[str, str] | str) -> str:
     return ", ".join(f"{k}: {v}" for k, v in losses.items())
 
 
-def _fraction_interval(outcomes: np.ndarray) -> list[float]:
-    """The bootstrap interval of the fraction of True ``outcomes`` ``(N,)``, in [0, 1]."""
+def _rate_interval(outcomes: np.ndarray) -> tuple[float, list[float]]:
+    """The fraction of True ``outcomes`` ``(N,)`` or ``(seeds, N)`` and its bootstrap
+    interval (over seeds, then images), in [0, 1]."""
     est = stats.bootstrap_error(~outcomes)  # the "error" of ~x is the rate of x, in %
-    return [est.low / 100.0, est.high / 100.0]
+    return est.error / 100.0, [est.low / 100.0, est.high / 100.0]
 
 
 def _paired_rows(
@@ -267,8 +268,8 @@ def attack_seeds_experiment(
     Seed s attacks the s-th model of every label on the same images with the same targets
     (``out_dir/seed-S/``); the pooled record (``attack_seeds.json``, ``attack_seeds.png``)
     gives each rate with a 95 % bootstrap interval over seeds and images, and the first
-    model minus each later one, paired seed by seed on the same images, with McNemar's test over
-    the pooled discordant pairs.
+    model minus each later one, paired seed by seed on the same images, with McNemar's test
+    over the pooled discordant pairs.
 
     Args:
         model_seeds: ``{label: [model of seed 0, model of seed 1, ...]}``, the same number
@@ -312,9 +313,7 @@ def attack_seeds_experiment(
             kind = "targeted" if r["targeted"] else "untargeted"
             field = "hit" if r["targeted"] else "correct"
             outcomes = pooled[f"{label}__{r['method']}__{kind}__{field}"]
-            ests = [stats.bootstrap_error(~o) for o in outcomes]  # the rate of True, in %
-            rate = [e.error / 100.0 for e in ests]
-            band = [[e.low / 100.0, e.high / 100.0] for e in ests]
+            rate, band = map(list, zip(*(_rate_interval(o) for o in outcomes), strict=True))
             metric = "success_rate" if r["targeted"] else "accuracy"
             runs.append({
                 "method": r["method"], "targeted": r["targeted"], "loss": r["loss"],
